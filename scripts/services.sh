@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# Start (or reuse) a project-local PostgreSQL and Redis, and write their URLs into .env.
+#
+#   scripts/services.sh start   # idempotent; prints the URLs
+#   scripts/services.sh stop    # stops what `start` started
+#
+# Both servers listen on 127.0.0.1 only, on ports that do not collide with a system
+# instance (PG_PORT, default 55432; REDIS_PORT, default 56379), with their data under
+# .local/ (git-ignored). PostgreSQL refuses to run as root, so as root the cluster is
+# run as the unprivileged `postgres` user; a normal user runs it as themselves.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LOCAL="$ROOT/.local"
+PG_PORT="${PG_PORT:-55432}"
+REDIS_PORT="${REDIS_PORT:-56379}"
+PG_DB="${PG_DB:-salon_reports}"
+PG_USER="${PG_USER:-salon}"
+ENV_FILE="$ROOT/.env"
+
+say() { printf '[services] %s\n' "$*"; }
+die() { printf '[services] error: %s\n' "$*" >&2; exit 1; }
+
+pg_bindir() {
+    local dir
+    for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+        [[ -x "$dir/initdb" ]] && { echo "$dir"; return 0; }
+    done
+    if command -v initdb >/dev/null 2>&1; then dirname "$(command -v initdb)"; return 0; fi
+    return 1
+}
+
+install_missing() {
+    local packages=()
+    pg_bindir >/dev/null || packages+=(postgresql)
+    command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+    [[ ${#packages[@]} -eq 0 ]] && return 0
+    if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        say "installing ${packages[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
+    else
+        die "missing ${packages[*]}; install them with: sudo apt-get install -y ${packages[*]}"
+    fi
+}
+
+# As root the cluster belongs to `postgres`, which must be able to reach its data directory.
+# A checkout under a private home directory is not reachable, so the data then lives in a
+# per-checkout folder under /tmp instead.
+pg_run_as() {
+    if [[ "$(id -u)" -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+pg_datadir() {
+    if [[ "$(id -u)" -ne 0 ]]; then echo "$LOCAL/pg"; return; fi
+    mkdir -p "$LOCAL"
+    if runuser -u postgres -- test -x "$LOCAL" 2>/dev/null; then
+        echo "$LOCAL/pg"
+    else
+        local key
+        key="$(printf '%s' "$ROOT" | sha1sum | cut -c1-12)"
+        echo "/tmp/salon-reports-$key/pg"
+    fi
+}
+
+pg_start() {
+    local bindir datadir logfile
+    bindir="$(pg_bindir)"
+    datadir="$(pg_datadir)"
+    logfile="$(dirname "$datadir")/postgresql.log"
+    mkdir -p "$(dirname "$datadir")"
+    if [[ "$(id -u)" -eq 0 ]]; then chown postgres "$(dirname "$datadir")"; fi
+    if [[ ! -s "$datadir/PG_VERSION" ]]; then
+        say "initialising PostgreSQL cluster in $datadir"
+        pg_run_as "$bindir/initdb" -D "$datadir" -U postgres --auth=trust -E UTF8 \
+            --locale=C.UTF-8 >/dev/null
+        cat >>"$datadir/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$(dirname "$datadir")'
+max_connections = 300
+shared_buffers = 256MB
+work_mem = 16MB
+maintenance_work_mem = 256MB
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+shared_preload_libraries = 'pg_stat_statements'
+log_min_messages = warning
+CONF
+    fi
+    if pg_run_as "$bindir/pg_ctl" -D "$datadir" status >/dev/null 2>&1; then
+        say "PostgreSQL already running on 127.0.0.1:$PG_PORT"
+    else
+        say "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+        pg_run_as "$bindir/pg_ctl" -D "$datadir" -l "$logfile" -w -t 60 start >/dev/null \
+            || { tail -20 "$logfile" >&2; die "PostgreSQL did not start"; }
+    fi
+    local psql=("$bindir/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qtA)
+    if [[ "$("${psql[@]}" -d postgres -c "SELECT 1 FROM pg_roles WHERE rolname = '$PG_USER'")" != 1 ]]; then
+        "${psql[@]}" -d postgres -c "CREATE ROLE $PG_USER LOGIN SUPERUSER PASSWORD '$PG_USER'"
+    fi
+    if [[ "$("${psql[@]}" -d postgres -c "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'")" != 1 ]]; then
+        "${psql[@]}" -d postgres -c "CREATE DATABASE $PG_DB OWNER $PG_USER"
+    fi
+}
+
+pg_stop() {
+    local bindir datadir
+    bindir="$(pg_bindir)" || return 0
+    datadir="$(pg_datadir)"
+    [[ -s "$datadir/PG_VERSION" ]] || return 0
+    if pg_run_as "$bindir/pg_ctl" -D "$datadir" status >/dev/null 2>&1; then
+        say "stopping PostgreSQL"
+        pg_run_as "$bindir/pg_ctl" -D "$datadir" -m fast -w stop >/dev/null
+    fi
+}
+
+redis_start() {
+    mkdir -p "$LOCAL/redis"
+    if redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+        say "Redis already running on 127.0.0.1:$REDIS_PORT"
+        return
+    fi
+    say "starting Redis on 127.0.0.1:$REDIS_PORT"
+    redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes \
+        --dir "$LOCAL/redis" --pidfile "$LOCAL/redis/redis.pid" \
+        --logfile "$LOCAL/redis/redis.log" --save '' --appendonly no \
+        --maxmemory 512mb --maxmemory-policy allkeys-lru
+    local _
+    for _ in $(seq 50); do
+        redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1 && return
+        sleep 0.1
+    done
+    die "Redis did not start (see $LOCAL/redis/redis.log)"
+}
+
+redis_stop() {
+    if redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+        say "stopping Redis"
+        redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+    fi
+}
+
+# Keep lines the user added to .env; replace only the ones this script owns.
+write_env() {
+    local secret=""
+    if [[ -f "$ENV_FILE" ]]; then
+        secret="$(sed -n 's/^REPORTS_JWT_SECRET=//p' "$ENV_FILE" | tail -1)"
+        grep -vE '^(DATABASE_URL|REDIS_URL|REPORTS_JWT_SECRET)=' "$ENV_FILE" >"$ENV_FILE.tmp" || true
+    else
+        : >"$ENV_FILE.tmp"
+    fi
+    [[ -n "$secret" ]] || secret="$(head -c 48 /dev/urandom | base64 | tr -d '\n/+=')"
+    {
+        cat "$ENV_FILE.tmp"
+        echo "DATABASE_URL=postgresql+psycopg://$PG_USER:$PG_USER@127.0.0.1:$PG_PORT/$PG_DB"
+        echo "REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0"
+        echo "REPORTS_JWT_SECRET=$secret"
+    } >"$ENV_FILE"
+    rm -f "$ENV_FILE.tmp"
+    chmod 600 "$ENV_FILE"
+    say "wrote DATABASE_URL, REDIS_URL and REPORTS_JWT_SECRET to .env"
+}
+
+case "${1:-start}" in
+    start)
+        install_missing
+        pg_start
+        redis_start
+        write_env
+        ;;
+    stop)
+        redis_stop
+        pg_stop
+        ;;
+    *)
+        die "usage: $0 start|stop"
+        ;;
+esac

@@ -1,0 +1,1 @@
+"""Report endpoints, their cache-aside service and their SQL."""
