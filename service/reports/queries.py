@@ -1,0 +1,378 @@
+"""The report SQL: one statement per report, nothing else.
+
+Each report is a single PostgreSQL statement (CTEs, ``FILTER``, window functions) that reads
+the period once through the covering index ``idx_bookings_salon_scheduled_covering`` and does
+every aggregation in the database. Calendar days, weeks, months and hours are the scope's local
+ones (``AT TIME ZONE``); the period's bounds are passed as instants computed by
+``Period.bounds``. The SQL text is assembled only from the constant fragments below, never from
+caller input; every value is a bound parameter.
+
+Each function returns plain Python values (dates as ``date``, rates as ``float``) in the shapes
+of ``service.reports.schemas``, without ``meta``; ``service.reports.service`` adds the rest.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from service.reports.params import STATUSES, BookingFilters, Granularity, Period, Scope
+
+QUERY_NAMES = {
+    "dashboard": "report.dashboard",
+    "bookings": "report.bookings",
+    "professionals": "report.professionals",
+    "realtime": "report.realtime",
+    "salon": "salon.lookup",
+}
+
+_STATUS_COUNTS = ",\n".join(
+    f"count(*) FILTER (WHERE status = '{status}') AS {status}" for status in STATUSES
+)
+_REVENUE = "coalesce(sum(price_cents) FILTER (WHERE status = 'completed'), 0)"
+
+
+def _in_scope(scope: Scope, alias: str) -> str:
+    return "TRUE" if scope.is_platform else f"{alias}.salon_id = :salon_id"
+
+
+def _period_rows(scope: Scope, columns: str, extra: str = "") -> str:
+    return f"""
+        SELECT {columns}
+        FROM bookings b
+        WHERE {_in_scope(scope, "b")}
+          AND b.scheduled_at >= :start_at AND b.scheduled_at < :end_at {extra}
+    """
+
+
+def _bind(scope: Scope, period: Period, **extra: Any) -> dict[str, Any]:
+    start_at, end_at = period.bounds(scope.timezone)
+    params: dict[str, Any] = {
+        "tz": scope.timezone,
+        "start_at": start_at,
+        "end_at": end_at,
+        "start_date": period.start,
+        "end_date": period.end,
+        **extra,
+    }
+    if not scope.is_platform:
+        params["salon_id"] = scope.salon_id
+    return params
+
+
+def _named(name: str) -> dict[str, Any]:
+    return {"query_name": QUERY_NAMES[name]}
+
+
+def _status_counts(row: Any) -> dict[str, int]:
+    return {status: int(getattr(row, status)) for status in STATUSES}
+
+
+def _dates(items: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    for item in items:
+        item[key] = date.fromisoformat(item[key])
+    return items
+
+
+def dashboard_sql(scope: Scope) -> str:
+    return f"""
+    WITH period AS MATERIALIZED ({
+        _period_rows(
+            scope,
+            "b.client_id, b.service_id, b.status, b.price_cents,"
+            " (b.scheduled_at AT TIME ZONE :tz)::date AS day",
+        )
+    }),
+    totals AS (
+        SELECT count(*) AS bookings_total,
+               {_STATUS_COUNTS},
+               {_REVENUE} AS revenue_cents,
+               count(DISTINCT client_id) AS unique_clients
+        FROM period
+    ),
+    new_clients AS (
+        SELECT count(*) AS new_clients
+        FROM (SELECT DISTINCT client_id FROM period) AS c
+        WHERE NOT EXISTS (
+            SELECT 1 FROM bookings e
+            WHERE {_in_scope(scope, "e")} AND e.client_id = c.client_id
+              AND e.scheduled_at < :start_at
+        )
+    ),
+    top_services AS (
+        SELECT p.service_id, s.name, count(*) AS bookings,
+               coalesce(sum(p.price_cents) FILTER (WHERE p.status = 'completed'), 0)
+                   AS revenue_cents
+        FROM period p JOIN services s ON s.id = p.service_id
+        GROUP BY p.service_id, s.name
+        ORDER BY bookings DESC, revenue_cents DESC, p.service_id
+        LIMIT 5
+    ),
+    days AS (
+        SELECT generate_series(CAST(:start_date AS date), CAST(:end_date AS date),
+                               interval '1 day')::date AS day
+    ),
+    daily AS (
+        SELECT d.day, count(p.day) AS bookings,
+               count(*) FILTER (WHERE p.status = 'completed') AS completed,
+               coalesce(sum(p.price_cents) FILTER (WHERE p.status = 'completed'), 0)
+                   AS revenue_cents
+        FROM days d LEFT JOIN period p ON p.day = d.day
+        GROUP BY d.day
+    )
+    SELECT t.*, n.new_clients,
+           round(t.completed::numeric / nullif(t.bookings_total, 0), 4) AS completion_rate,
+           round(t.cancelled::numeric / nullif(t.bookings_total, 0), 4) AS cancellation_rate,
+           round(t.no_show::numeric / nullif(t.bookings_total, 0), 4) AS no_show_rate,
+           round(t.revenue_cents::numeric / nullif(t.completed, 0)) AS average_ticket_cents,
+           (SELECT coalesce(json_agg(json_build_object(
+                        'service_id', service_id, 'name', name, 'bookings', bookings,
+                        'revenue_cents', revenue_cents)
+                    ORDER BY bookings DESC, revenue_cents DESC, service_id), '[]')
+            FROM top_services) AS top_services,
+           (SELECT json_agg(json_build_object(
+                        'date', day, 'bookings', bookings, 'completed', completed,
+                        'revenue_cents', revenue_cents) ORDER BY day)
+            FROM daily) AS daily
+    FROM totals t CROSS JOIN new_clients n
+    """
+
+
+async def dashboard_metrics(conn: AsyncConnection, scope: Scope, period: Period) -> dict[str, Any]:
+    """Totals, rates, client counts, top services and the daily series of one period."""
+    result = await conn.execute(
+        text(dashboard_sql(scope)).execution_options(**_named("dashboard")), _bind(scope, period)
+    )
+    row = result.one()
+    unique_clients = int(row.unique_clients)
+    new_clients = int(row.new_clients)
+    return {
+        "bookings_total": int(row.bookings_total),
+        "by_status": _status_counts(row),
+        "completion_rate": float(row.completion_rate or 0),
+        "cancellation_rate": float(row.cancellation_rate or 0),
+        "no_show_rate": float(row.no_show_rate or 0),
+        "revenue_cents": int(row.revenue_cents),
+        "average_ticket_cents": int(row.average_ticket_cents or 0),
+        "unique_clients": unique_clients,
+        "new_clients": new_clients,
+        "returning_clients": unique_clients - new_clients,
+        "top_services": row.top_services,
+        "daily": _dates(row.daily, "date"),
+    }
+
+
+def bookings_sql(scope: Scope, filters: BookingFilters) -> str:
+    conditions = []
+    if filters.professional_id is not None:
+        conditions.append("AND b.professional_id = :professional_id")
+    if filters.service_id is not None:
+        conditions.append("AND b.service_id = :service_id")
+    if filters.status is not None:
+        conditions.append("AND b.status = :status")
+    return f"""
+    WITH period AS MATERIALIZED ({
+        _period_rows(
+            scope,
+            "b.service_id, b.status, b.price_cents, b.scheduled_at AT TIME ZONE :tz AS local_at",
+            " ".join(conditions),
+        )
+    }),
+    buckets AS (
+        SELECT generate_series(date_trunc(:unit, CAST(:start_date AS timestamp)),
+                               CAST(:end_date AS timestamp),
+                               CAST('1 ' || :unit AS interval))::date AS bucket_start
+    ),
+    series AS (
+        SELECT k.bucket_start, count(p.local_at) AS bookings,
+               count(*) FILTER (WHERE p.status = 'completed') AS completed,
+               count(*) FILTER (WHERE p.status = 'cancelled') AS cancelled,
+               count(*) FILTER (WHERE p.status = 'no_show') AS no_show,
+               coalesce(sum(p.price_cents) FILTER (WHERE p.status = 'completed'), 0)
+                   AS revenue_cents
+        FROM buckets k
+        LEFT JOIN period p ON date_trunc(:unit, p.local_at)::date = k.bucket_start
+        GROUP BY k.bucket_start
+    ),
+    by_category AS (
+        SELECT s.category, count(*) AS bookings,
+               coalesce(sum(p.price_cents) FILTER (WHERE p.status = 'completed'), 0)
+                   AS revenue_cents
+        FROM period p JOIN services s ON s.id = p.service_id
+        GROUP BY s.category
+    ),
+    by_hour AS (
+        SELECT h.hour, count(p.local_at) AS bookings
+        FROM generate_series(0, 23) AS h(hour)
+        LEFT JOIN period p ON extract(hour FROM p.local_at) = h.hour
+        GROUP BY h.hour
+    )
+    SELECT
+        (SELECT json_agg(json_build_object(
+                    'bucket_start', bucket_start, 'bookings', bookings, 'completed', completed,
+                    'cancelled', cancelled, 'no_show', no_show, 'revenue_cents', revenue_cents)
+                ORDER BY bucket_start)
+         FROM series) AS series,
+        (SELECT coalesce(json_agg(json_build_object(
+                    'category', category, 'bookings', bookings, 'revenue_cents', revenue_cents)
+                ORDER BY bookings DESC, category), '[]')
+         FROM by_category) AS by_category,
+        (SELECT json_agg(json_build_object('hour', hour, 'bookings', bookings) ORDER BY hour)
+         FROM by_hour) AS by_hour
+    """
+
+
+async def booking_metrics(
+    conn: AsyncConnection,
+    scope: Scope,
+    period: Period,
+    granularity: Granularity,
+    filters: BookingFilters,
+) -> dict[str, Any]:
+    """Time series by day, week or month, plus the split by category and by local hour."""
+    params = _bind(
+        scope,
+        period,
+        unit=granularity,
+        professional_id=filters.professional_id,
+        service_id=filters.service_id,
+        status=filters.status,
+    )
+    result = await conn.execute(
+        text(bookings_sql(scope, filters)).execution_options(**_named("bookings")), params
+    )
+    row = result.one()
+    return {
+        "granularity": granularity,
+        "series": _dates(row.series, "bucket_start"),
+        "by_category": row.by_category,
+        "by_hour": row.by_hour,
+    }
+
+
+def professionals_sql(scope: Scope) -> str:
+    pro_scope = "TRUE" if scope.is_platform else "pr.salon_id = :salon_id"
+    return f"""
+    WITH period AS MATERIALIZED ({
+        _period_rows(scope, "b.professional_id, b.client_id, b.status, b.price_cents")
+    }),
+    per_professional AS (
+        SELECT professional_id, count(*) AS bookings,
+               count(*) FILTER (WHERE status = 'completed') AS completed,
+               count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+               count(*) FILTER (WHERE status = 'no_show') AS no_show,
+               {_REVENUE} AS revenue_cents
+        FROM period
+        GROUP BY professional_id
+    ),
+    professional_clients AS (
+        SELECT professional_id, client_id,
+               count(*) FILTER (WHERE status = 'completed') AS completed
+        FROM period
+        GROUP BY professional_id, client_id
+    ),
+    client_stats AS (
+        SELECT pc.professional_id,
+               count(*) AS unique_clients,
+               count(*) FILTER (WHERE EXISTS (
+                   SELECT 1 FROM bookings e
+                   WHERE e.client_id = pc.client_id
+                     AND e.professional_id = pc.professional_id
+                     AND e.scheduled_at < :start_at)) AS returning_clients,
+               count(*) FILTER (WHERE pc.completed >= 2) AS retained_clients,
+               count(*) FILTER (WHERE pc.completed >= 1) AS served_clients
+        FROM professional_clients pc
+        GROUP BY pc.professional_id
+    ),
+    ranked AS (
+        SELECT pr.id AS professional_id, pr.name,
+               coalesce(pp.bookings, 0) AS bookings,
+               coalesce(pp.completed, 0) AS completed,
+               coalesce(pp.cancelled, 0) AS cancelled,
+               coalesce(pp.no_show, 0) AS no_show,
+               coalesce(pp.revenue_cents, 0) AS revenue_cents,
+               coalesce(cs.unique_clients, 0) AS unique_clients,
+               coalesce(cs.returning_clients, 0) AS returning_clients,
+               coalesce(round(cs.retained_clients::numeric / nullif(cs.served_clients, 0), 4), 0)
+                   AS client_retention_rate,
+               rank() OVER (ORDER BY coalesce(pp.revenue_cents, 0) DESC) AS revenue_rank
+        FROM professionals pr
+        LEFT JOIN per_professional pp ON pp.professional_id = pr.id
+        LEFT JOIN client_stats cs ON cs.professional_id = pr.id
+        WHERE {pro_scope} AND (pr.is_active OR pp.professional_id IS NOT NULL)
+    )
+    SELECT * FROM ranked
+    WHERE professional_id > coalesce(CAST(:after_id AS bigint), 0)
+    ORDER BY professional_id
+    LIMIT :page_rows
+    """
+
+
+async def professional_performance(
+    conn: AsyncConnection,
+    scope: Scope,
+    period: Period,
+    *,
+    limit: int,
+    after_id: int | None,
+) -> dict[str, Any]:
+    """One keyset page of per-professional figures, ranked by revenue across the whole scope."""
+    params = _bind(scope, period, after_id=after_id, page_rows=limit + 1)
+    result = await conn.execute(
+        text(professionals_sql(scope)).execution_options(**_named("professionals")), params
+    )
+    rows = result.all()
+    items = [
+        {
+            "professional_id": int(row.professional_id),
+            "name": row.name,
+            "bookings": int(row.bookings),
+            "completed": int(row.completed),
+            "cancelled": int(row.cancelled),
+            "no_show": int(row.no_show),
+            "revenue_cents": int(row.revenue_cents),
+            "unique_clients": int(row.unique_clients),
+            "returning_clients": int(row.returning_clients),
+            "client_retention_rate": float(row.client_retention_rate),
+            "revenue_rank": int(row.revenue_rank),
+        }
+        for row in rows[:limit]
+    ]
+    next_after_id = items[-1]["professional_id"] if len(rows) > limit else None
+    return {"items": items, "next_after_id": next_after_id}
+
+
+def realtime_sql(scope: Scope) -> str:
+    return f"""
+    SELECT count(*) AS bookings_total, {_STATUS_COUNTS}, {_REVENUE} AS revenue_cents
+    FROM ({_period_rows(scope, "b.status, b.price_cents")}) AS today
+    """
+
+
+async def realtime_metrics(conn: AsyncConnection, scope: Scope, today: date) -> dict[str, Any]:
+    """Today's (local) bookings by status and the revenue completed so far."""
+    period = Period(start=today, end=today)
+    result = await conn.execute(
+        text(realtime_sql(scope)).execution_options(**_named("realtime")), _bind(scope, period)
+    )
+    row = result.one()
+    return {
+        "bookings_total": int(row.bookings_total),
+        "by_status": _status_counts(row),
+        "revenue_cents": int(row.revenue_cents),
+    }
+
+
+async def salon_timezone(conn: AsyncConnection, salon_id: int) -> str | None:
+    """The salon's time zone, or None when there is no such salon."""
+    result = await conn.execute(
+        text("SELECT timezone FROM salons WHERE id = :salon_id").execution_options(
+            **_named("salon")
+        ),
+        {"salon_id": salon_id},
+    )
+    value = result.scalar_one_or_none()
+    return None if value is None else str(value)
