@@ -1,0 +1,52 @@
+# salon-reports — the set-up commands. `make run` and `make test` provision everything.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+DEMO_BOOKINGS ?= 200000
+
+.PHONY: run test services stop lint bench loadtest install ops-tools clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+services:
+	@scripts/services.sh start
+
+stop:
+	@scripts/services.sh stop
+
+# promtool, amtool, Prometheus and Alertmanager for the alert tests (Debian packages).
+ops-tools:
+	@scripts/ops-tools.sh
+
+run: install services
+	@$(BIN)/salon-reports migrate
+	@$(BIN)/salon-reports seed --if-empty --bookings $(DEMO_BOOKINGS) --salons 40 --days 400
+	@scripts/banner.sh $(HOST) $(PORT)
+	@$(BIN)/salon-reports serve --host $(HOST) --port $(PORT)
+
+test: install services ops-tools
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check service telemetry tests benchmarks migrations
+	$(BIN)/ruff format --check service telemetry tests benchmarks migrations
+	$(BIN)/mypy
+
+bench: install services
+	$(BIN)/python -m benchmarks.queries
+
+loadtest: install services
+	$(BIN)/python -m benchmarks.load
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

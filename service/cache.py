@@ -1,0 +1,501 @@
+"""Report cache: Redis cache-aside that is never wrong, and never in the way.
+
+Keys. ``sr:v1:{s:<salon>}:<report>:<role>:<digest>`` for one salon and
+``sr:v1:{p}:<report>:<role>:<digest>`` for platform-wide reports. The digest covers the
+normalised parameters (defaults filled in, keys sorted, dates canonical), so equivalent requests
+share an entry; the salon (or platform) and the caller's role are in the key itself, so two
+tenants or roles never do. The ``{…}`` hash tag keeps everything of one scope in one Redis
+Cluster slot, which the Lua scripts below rely on.
+
+Invalidation. Each scope has an epoch counter and, per report, a tracked set of its keys.
+``invalidate`` bumps the epoch and unlinks the tracked keys in one script: O(entries of that
+scope), no ``KEYS``, no scan. A computation that started before an invalidation stores its
+result only if the epoch it read is still current (checked atomically in the store script), so
+a slow query cannot put pre-change data back. Only the admin's clear-everything uses
+``SCAN`` + ``UNLINK``, in batches.
+
+Single flight. Concurrent misses for one key in one process share one computation (an
+in-process future); across processes the first takes a Redis lock with a lease and the others
+poll for its result with backoff until the lease runs out, then compute themselves.
+
+Stale-while-revalidate. Entries live in Redis ``grace`` seconds past their TTL. Such an entry
+is served as ``STALE`` while one background task refreshes it.
+
+Failure. Every Redis call has a short socket timeout; a circuit breaker stops calling Redis
+after repeated failures and probes it again after a pause. While Redis is unusable, or while
+the invalidation listener is disconnected (notifications may be lost), requests bypass the
+cache and are answered from PostgreSQL (``BYPASS``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+logger = logging.getLogger("service.cache")
+
+NAMESPACE = "sr:v1"
+PLATFORM_TAG = "{p}"
+REPORTS = ("dashboard", "bookings", "professionals")
+_HEADER = struct.Struct(">d16s")  # fresh-until (unix seconds), body digest
+_SCAN_BATCH = 500
+
+_STORE_SCRIPT = """
+local current = redis.call('GET', KEYS[2]) or '0'
+if current ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SADD', KEYS[3], KEYS[1])
+if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[3]) then
+    redis.call('PEXPIRE', KEYS[3], ARGV[3])
+end
+return 1
+"""
+
+# KEYS[1] = the scope's epoch, KEYS[2..] = tracked key sets. The tracked keys share the
+# scope's hash tag, hence its slot.
+_INVALIDATE_SCRIPT = """
+redis.call('INCR', KEYS[1])
+local deleted = 0
+for i = 2, #KEYS do
+    local members = redis.call('SMEMBERS', KEYS[i])
+    for j = 1, #members, 500 do
+        deleted = deleted + redis.call('UNLINK', unpack(members, j, math.min(j + 499, #members)))
+    end
+    redis.call('DEL', KEYS[i])
+end
+return deleted
+"""
+
+_RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class CacheResult(StrEnum):
+    HIT = "hit"
+    MISS = "miss"
+    STALE = "stale"
+    ERROR = "error"
+    BYPASS = "bypass"
+
+    @property
+    def header(self) -> str:
+        """The ``X-Cache`` value: a Redis error is served like a bypass."""
+        return "BYPASS" if self is CacheResult.ERROR else self.value.upper()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheKey:
+    report: str
+    tag: str  # the hash tag of the scope: {s:<salon>} or {p}
+    key: str
+
+    @property
+    def epoch_key(self) -> str:
+        return f"{NAMESPACE}:{self.tag}:epoch"
+
+    @property
+    def tracked_key(self) -> str:
+        return f"{NAMESPACE}:{self.tag}:keys:{self.report}"
+
+    @property
+    def lock_key(self) -> str:
+        return f"{self.key}:lock"
+
+
+def scope_tag(salon_id: int | None) -> str:
+    return PLATFORM_TAG if salon_id is None else f"{{s:{salon_id}}}"
+
+
+def build_key(report: str, salon_id: int | None, role: str, params: dict[str, Any]) -> CacheKey:
+    """The cache key of a report request; ``params`` must already be normalised."""
+    canonical = orjson.dumps(params, option=orjson.OPT_SORT_KEYS)
+    digest = hashlib.blake2b(canonical, digest_size=16).hexdigest()
+    tag = scope_tag(salon_id)
+    return CacheKey(report, tag, f"{NAMESPACE}:{tag}:{report}:{role}:{digest}")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    body: bytes
+    digest: bytes
+    fresh_until: float
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.digest.hex()}"'
+
+    def seconds_left(self, now: float) -> int:
+        return max(0, int(self.fresh_until - now))
+
+    def encode(self) -> bytes:
+        return _HEADER.pack(self.fresh_until, self.digest) + self.body
+
+    @classmethod
+    def decode(cls, raw: bytes) -> CacheEntry:
+        fresh_until, digest = _HEADER.unpack_from(raw)
+        return cls(raw[_HEADER.size :], digest, fresh_until)
+
+    @classmethod
+    def of(cls, body: bytes, ttl: float, now: float) -> CacheEntry:
+        return cls(body, body_digest(body), now + ttl)
+
+
+def body_digest(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=16).digest()
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a fetch served: the entry, how it was obtained and where the time went."""
+
+    entry: CacheEntry
+    result: CacheResult
+    cache_ms: float = 0.0
+    compute_ms: float = 0.0
+
+
+@dataclass
+class CircuitBreaker:
+    """Open after ``threshold`` consecutive failures; let one probe through after ``cooldown``."""
+
+    threshold: int = 3
+    cooldown: float = 5.0
+    clock: Callable[[], float] = time.monotonic
+    failures: int = 0
+    opened_at: float | None = None
+    _probing: bool = field(default=False, repr=False)
+
+    @property
+    def is_open(self) -> bool:
+        return self.opened_at is not None
+
+    def allow(self) -> bool:
+        if self.opened_at is None:
+            return True
+        if self._probing or self.clock() - self.opened_at < self.cooldown:
+            return False
+        self._probing = True
+        return True
+
+    def succeeded(self) -> None:
+        if self.opened_at is not None:
+            logger.info("redis circuit closed")
+        self.failures = 0
+        self.opened_at = None
+        self._probing = False
+
+    def failed(self) -> None:
+        self.failures += 1
+        self._probing = False
+        if self.failures >= self.threshold:
+            if self.opened_at is None:
+                logger.warning("redis circuit opened after %d failures", self.failures)
+            self.opened_at = self.clock()
+
+
+Compute = Callable[[], Awaitable[bytes]]
+Observer = Callable[[str, CacheResult], None]
+
+
+class ReportCache:
+    """Cache-aside for report bodies; see the module docstring for the guarantees."""
+
+    def __init__(
+        self,
+        redis: Redis | None,
+        *,
+        stale_grace: float = 60.0,
+        lock_lease: float = 15.0,
+        breaker: CircuitBreaker | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.stale_grace = stale_grace
+        self.lock_lease = lock_lease
+        self.breaker = breaker or CircuitBreaker()
+        self.clock = clock
+        self.listener_healthy = redis is not None
+        self._inflight: dict[str, asyncio.Future[Outcome]] = {}
+        self._refreshing: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._store = redis.register_script(_STORE_SCRIPT) if redis else None
+        self._invalidate = redis.register_script(_INVALIDATE_SCRIPT) if redis else None
+        self._release = redis.register_script(_RELEASE_SCRIPT) if redis else None
+
+    # -- availability -------------------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        """Whether requests may read and write Redis right now."""
+        return self.redis is not None and self.listener_healthy and self.breaker.allow()
+
+    async def _call(self, operation: Awaitable[Any]) -> Any:
+        try:
+            value = await operation
+        except (RedisError, OSError, asyncio.TimeoutError):
+            self.breaker.failed()
+            raise
+        self.breaker.succeeded()
+        return value
+
+    # -- the request path ---------------------------------------------------------------
+
+    async def fetch(self, key: CacheKey, ttl: float, compute: Compute) -> Outcome:
+        """Serve ``key`` from the cache, or compute it once and store it."""
+        started = time.perf_counter()
+        if not self.usable:
+            outcome = await self._single_flight(key.key, lambda: self._compute(compute, ttl))
+            outcome.result = CacheResult.BYPASS
+            return outcome
+        try:
+            raw = await self._call(self.redis.get(key.key))  # type: ignore[union-attr]
+        except (RedisError, OSError, asyncio.TimeoutError):
+            outcome = await self._single_flight(key.key, lambda: self._compute(compute, ttl))
+            outcome.result = CacheResult.ERROR
+            outcome.cache_ms = (time.perf_counter() - started) * 1000
+            return outcome
+        cache_ms = (time.perf_counter() - started) * 1000
+        if raw is not None:
+            entry = CacheEntry.decode(raw)
+            if entry.fresh_until > self.clock():
+                return Outcome(entry, CacheResult.HIT, cache_ms=cache_ms)
+            self._refresh_in_background(key, ttl, compute)
+            return Outcome(entry, CacheResult.STALE, cache_ms=cache_ms)
+        outcome = await self._single_flight(key.key, lambda: self._fill(key, ttl, compute))
+        outcome.cache_ms += cache_ms
+        return outcome
+
+    async def _single_flight(self, name: str, make: Callable[[], Awaitable[Outcome]]) -> Outcome:
+        """One computation per name in this process; the others await its outcome."""
+        pending = self._inflight.get(name)
+        if pending is not None:
+            shared = await asyncio.shield(pending)
+            return Outcome(shared.entry, shared.result, shared.cache_ms, shared.compute_ms)
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._inflight[name] = future
+        try:
+            outcome = await make()
+        except BaseException as error:
+            future.set_exception(error)
+            future.exception()  # mark retrieved: waiters, if any, re-raise it themselves
+            raise
+        finally:
+            del self._inflight[name]
+        future.set_result(outcome)
+        return Outcome(outcome.entry, outcome.result, outcome.cache_ms, outcome.compute_ms)
+
+    async def _compute(self, compute: Compute, ttl: float) -> Outcome:
+        started = time.perf_counter()
+        body = await compute()
+        compute_ms = (time.perf_counter() - started) * 1000
+        return Outcome(CacheEntry.of(body, ttl, self.clock()), CacheResult.MISS,
+                       compute_ms=compute_ms)
+
+    async def _fill(self, key: CacheKey, ttl: float, compute: Compute) -> Outcome:
+        """Miss: take the cross-process lock and compute, or wait for whoever holds it."""
+        redis = self.redis
+        assert redis is not None
+        started = time.perf_counter()
+        token = secrets.token_hex(8)
+        try:
+            epoch, locked = await self._call(self._epoch_and_lock(redis, key, token))
+        except (RedisError, OSError, asyncio.TimeoutError):
+            outcome = await self._compute(compute, ttl)
+            outcome.result = CacheResult.ERROR
+            return outcome
+        if not locked:
+            waited = await self._wait_for_holder(key)
+            if waited is not None:
+                waited.cache_ms = (time.perf_counter() - started) * 1000
+                return waited
+        cache_ms = (time.perf_counter() - started) * 1000
+        try:
+            outcome = await self._compute(compute, ttl)
+        except BaseException:
+            if locked:
+                await self._unlock(key, token)
+            raise
+        outcome.cache_ms = cache_ms
+        await self._put(key, outcome.entry, ttl, epoch, token if locked else None)
+        return outcome
+
+    async def _epoch_and_lock(self, redis: Redis, key: CacheKey, token: str) -> tuple[str, bool]:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.get(key.epoch_key)
+            pipe.set(key.lock_key, token, nx=True, px=int(self.lock_lease * 1000))
+            epoch, locked = await pipe.execute()
+        return (epoch.decode() if epoch is not None else "0"), bool(locked)
+
+    async def _wait_for_holder(self, key: CacheKey) -> Outcome | None:
+        """Poll for the lock holder's result with backoff, at most one lease long."""
+        redis = self.redis
+        assert redis is not None
+        deadline = time.monotonic() + self.lock_lease
+        delay = 0.005
+        while time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+            try:
+                raw, holder = await self._call(self._get_with_lock(redis, key))
+            except (RedisError, OSError, asyncio.TimeoutError):
+                return None
+            if raw is not None:
+                return Outcome(CacheEntry.decode(raw), CacheResult.HIT)
+            if holder is None:  # the holder gave up or crashed and its lease ran out
+                return None
+        return None
+
+    @staticmethod
+    async def _get_with_lock(redis: Redis, key: CacheKey) -> tuple[bytes | None, bytes | None]:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.get(key.key)
+            pipe.get(key.lock_key)
+            raw, holder = await pipe.execute()
+        return raw, holder
+
+    async def _put(
+        self, key: CacheKey, entry: CacheEntry, ttl: float, epoch: str, token: str | None
+    ) -> None:
+        assert self._store is not None and self._release is not None
+        lifetime_ms = int((ttl + self.stale_grace) * 1000)
+        try:
+            stored = await self._call(
+                self._store(
+                    keys=[key.key, key.epoch_key, key.tracked_key],
+                    args=[epoch, entry.encode(), lifetime_ms],
+                )
+            )
+            if not stored:
+                logger.debug("not caching %s: invalidated while it was computed", key.report)
+            if token is not None:
+                await self._call(self._release(keys=[key.lock_key], args=[token]))
+        except (RedisError, OSError, asyncio.TimeoutError):
+            logger.warning("could not store a %s report in the cache", key.report)
+
+    async def _unlock(self, key: CacheKey, token: str) -> None:
+        assert self._release is not None
+        try:
+            await self._call(self._release(keys=[key.lock_key], args=[token]))
+        except (RedisError, OSError, asyncio.TimeoutError):
+            pass  # the lease expires by itself
+
+    def _refresh_in_background(self, key: CacheKey, ttl: float, compute: Compute) -> None:
+        if key.key in self._refreshing:
+            return
+        self._refreshing.add(key.key)
+
+        async def refresh() -> None:
+            try:
+                redis = self.redis
+                assert redis is not None
+                token = secrets.token_hex(8)
+                epoch, locked = await self._call(self._epoch_and_lock(redis, key, token))
+                if not locked:
+                    return  # another process is refreshing it
+                try:
+                    outcome = await self._compute(compute, ttl)
+                except BaseException:
+                    await self._unlock(key, token)
+                    raise
+                await self._put(key, outcome.entry, ttl, epoch, token)
+            except Exception:
+                logger.warning("background refresh of a %s report failed", key.report,
+                               exc_info=True)
+            finally:
+                self._refreshing.discard(key.key)
+
+        task = asyncio.create_task(refresh())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- invalidation -------------------------------------------------------------------
+
+    async def invalidate(self, salon_id: int | None, report: str | None = None) -> int:
+        """Drop one scope's entries (all reports, or one); returns how many went."""
+        if self.redis is None or self._invalidate is None:
+            return 0
+        reports = REPORTS if report is None else (report,)
+        probe = CacheKey(reports[0], scope_tag(salon_id), "")
+        keys = [probe.epoch_key] + [
+            CacheKey(name, probe.tag, "").tracked_key for name in reports
+        ]
+        deleted = await self._call(self._invalidate(keys=keys))
+        return int(deleted)
+
+    async def invalidate_salons(self, salon_ids: set[int]) -> int:
+        """A change to these salons' bookings: drop their entries and the platform-wide ones."""
+        deleted = 0
+        for salon_id in sorted(salon_ids):
+            deleted += await self.invalidate(salon_id)
+        deleted += await self.invalidate(None)
+        return deleted
+
+    async def clear(self, report: str | None = None, salon_id: int | None = None,
+                    *, everything: bool = False) -> int:
+        """The admin clear: by report and/or salon, or everything the service owns."""
+        if self.redis is None:
+            return 0
+        if not everything:
+            return await self.invalidate(salon_id, report)
+        return await self.clear_all(report)
+
+    async def clear_all(self, report: str | None = None) -> int:
+        """``SCAN`` + ``UNLINK`` every entry of the namespace (of one report, if given).
+
+        Epoch counters are incremented rather than deleted, so that a computation in flight
+        cannot store what it read before the clear.
+        """
+        redis = self.redis
+        if redis is None:
+            return 0
+        deleted = 0
+        pattern = f"{NAMESPACE}:*"
+        batch: list[bytes] = []
+        async for name in redis.scan_iter(match=pattern, count=_SCAN_BATCH):
+            text = name.decode()
+            if text.endswith(":epoch"):
+                await redis.incr(name)
+                continue
+            if report is not None and f":{report}:" not in text and not text.endswith(
+                f":keys:{report}"
+            ):
+                continue
+            batch.append(name)
+            if len(batch) >= _SCAN_BATCH:
+                deleted += await self._unlink_entries(redis, batch)
+                batch = []
+        if batch:
+            deleted += await self._unlink_entries(redis, batch)
+        self.breaker.succeeded()
+        return deleted
+
+    @staticmethod
+    async def _unlink_entries(redis: Redis, names: list[bytes]) -> int:
+        entries = [n for n in names if b":keys:" not in n and not n.endswith(b":lock")]
+        others = [n for n in names if n not in entries]
+        deleted = 0
+        if entries:
+            deleted = int(await redis.unlink(*entries))
+        if others:
+            await redis.unlink(*others)
+        return deleted
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)

@@ -1,0 +1,80 @@
+"""Request dependencies, defined once as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.auth import InvalidToken, Principal, decode_token
+from service.cache import ReportCache
+from service.config import Settings
+from service.errors import APIError
+from service.invalidation import InvalidationListener
+from service.reports.service import ReportService
+
+
+@dataclass
+class Resources:
+    """Everything the app creates in its lifespan and tears down after."""
+
+    settings: Settings
+    engine: AsyncEngine
+    read_engine: AsyncEngine
+    cache: ReportCache
+    reports: ReportService
+    listener: InvalidationListener | None
+
+
+def get_resources(request: Request) -> Resources:
+    resources: Resources = request.app.state.resources
+    return resources
+
+
+ResourcesDep = Annotated[Resources, Depends(get_resources)]
+
+_bearer = HTTPBearer(auto_error=False, description="A token from `salon-reports token`.")
+
+
+def get_principal(
+    resources: ResourcesDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None:
+        raise APIError(401, "unauthorized", "missing bearer token", challenge)
+    try:
+        return decode_token(resources.settings.jwt_secret, credentials.credentials)
+    except InvalidToken:
+        raise APIError(401, "unauthorized", "invalid or expired token", challenge) from None
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def get_report_service(resources: ResourcesDep) -> ReportService:
+    return resources.reports
+
+
+ReportServiceDep = Annotated[ReportService, Depends(get_report_service)]
+
+
+def require_admin(principal: PrincipalDep) -> Principal:
+    if principal.role != "admin":
+        raise APIError(403, "forbidden", "this operation is for admins")
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(require_admin)]
+
+
+def require_operator(principal: PrincipalDep) -> Principal:
+    if principal.role not in ("admin", "ops"):
+        raise APIError(403, "forbidden", "performance statistics are for admins and ops")
+    return principal
+
+
+OperatorDep = Annotated[Principal, Depends(require_operator)]

@@ -1,0 +1,98 @@
+"""JSON errors: every failure leaves as ``{"error": {"code", "message"}}``, never HTML."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+logger = logging.getLogger("service.errors")
+
+DATABASE_RETRY_AFTER_SECONDS = 2
+
+
+class APIError(Exception):
+    """An error with an HTTP status, a stable machine-readable code and a human message."""
+
+    def __init__(
+        self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+class DatabaseUnavailable(APIError):
+    def __init__(self, message: str = "the database is unavailable; retry shortly") -> None:
+        super().__init__(
+            503,
+            "database_unavailable",
+            message,
+            {"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
+        )
+
+
+def error_response(
+    status_code: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    body = orjson.dumps({"error": {"code": code, "message": message}})
+    return Response(body, status_code=status_code, media_type="application/json", headers=headers)
+
+
+def _describe_validation(errors: list[Any]) -> str:
+    parts = []
+    for error in errors[:5]:
+        location = ".".join(str(part) for part in error.get("loc", ()) if part != "query")
+        parts.append(f"{location}: {error.get('msg', 'invalid')}" if location else error["msg"])
+    return "; ".join(parts) or "invalid request"
+
+
+def database_error(error: Exception) -> APIError:
+    """Map a database failure to the error the client sees."""
+    if isinstance(error, PoolTimeoutError):
+        return DatabaseUnavailable("all database connections are busy; retry shortly")
+    if isinstance(error, DBAPIError) and "statement timeout" in str(error.orig):
+        return DatabaseUnavailable("the report query timed out; retry shortly")
+    return DatabaseUnavailable()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(_: Request, error: Exception) -> Response:
+        assert isinstance(error, APIError)
+        return error_response(error.status_code, error.code, error.message, error.headers)
+
+    async def on_validation_error(_: Request, error: Exception) -> Response:
+        assert isinstance(error, RequestValidationError)
+        return error_response(422, "validation_error", _describe_validation(list(error.errors())))
+
+    async def on_http_error(_: Request, error: Exception) -> Response:
+        assert isinstance(error, StarletteHTTPException)
+        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
+        code = codes.get(error.status_code, "http_error")
+        return error_response(error.status_code, code, str(error.detail), error.headers)
+
+    async def on_database_error(_: Request, error: Exception) -> Response:
+        logger.warning("database unavailable: %s", type(error).__name__)
+        api_error = database_error(error)
+        return error_response(api_error.status_code, api_error.code, api_error.message,
+                              api_error.headers)
+
+    async def on_unexpected(_: Request, error: Exception) -> Response:
+        logger.exception("unhandled error", exc_info=error)
+        return error_response(500, "internal_error", "internal server error")
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(OperationalError, on_database_error)
+    app.add_exception_handler(PoolTimeoutError, on_database_error)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,51 @@
+"""Probes: ``/healthz`` (alive), ``/readyz`` (PostgreSQL reachable; Redis reported)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter
+from sqlalchemy import text
+from starlette.responses import Response
+
+from service.deps import ResourcesDep
+from service.errors import error_response
+
+router = APIRouter(tags=["health"])
+
+PROBE_TIMEOUT_SECONDS = 2.0
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=None)
+async def readyz(resources: ResourcesDep) -> dict[str, Any] | Response:
+    """Ready when PostgreSQL answers; Redis and the invalidation listener are reported."""
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
+            async with resources.engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+    except Exception:
+        return error_response(503, "database_unavailable", "PostgreSQL is not reachable",
+                              {"Retry-After": "2"})
+    cache = resources.cache
+    redis_state = "disabled"
+    if cache.redis is not None:
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
+                await cache.redis.ping()
+            redis_state = "ok"
+        except Exception:
+            redis_state = "down"
+    return {
+        "status": "ready",
+        "database": "ok",
+        "redis": redis_state,
+        "cache_circuit": "open" if cache.breaker.is_open else "closed",
+        "invalidation_listener": "connected" if cache.listener_healthy else "disconnected",
+    }

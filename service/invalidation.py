@@ -1,0 +1,116 @@
+"""Data-driven invalidation: LISTEN for booking changes and drop the affected cache entries.
+
+The ``bookings`` triggers (migration 0002) send ``NOTIFY bookings_changed, '<salon ids>'``
+(or ``'*'``) after every statement that touches bookings, whoever wrote it. Each worker
+listens on its own connection. While that connection is down the cache is bypassed (the
+notifications it misses would leave stale entries behind); after reconnecting, everything
+cached is treated as possibly stale and cleared before the cache is used again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import psycopg
+
+from service.cache import ReportCache
+
+logger = logging.getLogger("service.invalidation")
+
+CHANNEL = "bookings_changed"
+
+
+def parse_payload(payload: str) -> set[int] | None:
+    """Salon ids of a notification; None means "everything"."""
+    if payload.strip() == "*":
+        return None
+    ids = set()
+    for part in payload.split(","):
+        part = part.strip()
+        if part.isdigit():
+            ids.add(int(part))
+    return ids
+
+
+class InvalidationListener:
+    """Runs as a background task for the app's lifetime."""
+
+    def __init__(self, dsn: str, cache: ReportCache, *, retry_delay: float = 0.5) -> None:
+        self.dsn = dsn
+        self.cache = cache
+        self.retry_delay = retry_delay
+        self.connected = asyncio.Event()
+        self.reconnects = 0
+        self._task: asyncio.Task[None] | None = None
+        self._connection: psycopg.AsyncConnection | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="invalidation-listener")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.connected.clear()
+
+    async def drop_connection(self) -> None:
+        """Close the listening connection (tests use it to simulate a network cut)."""
+        if self._connection is not None:
+            await self._connection.close()
+
+    async def _run(self) -> None:
+        first = True
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.dsn, autocommit=True, connect_timeout=5,
+                    application_name="salon-reports-listener",
+                ) as connection:
+                    self._connection = connection
+                    await connection.execute(f"LISTEN {CHANNEL}")
+                    if not first:
+                        # Notifications sent while we were away are lost: start clean.
+                        self.reconnects += 1
+                        deleted = await self.cache.clear_all()
+                        logger.warning("listener reconnected; cleared %d cache entries", deleted)
+                    first = False
+                    self.cache.listener_healthy = True
+                    self.connected.set()
+                    async for notification in connection.notifies():
+                        await self._apply(notification.payload)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                logger.warning("invalidation listener lost its connection: %s",
+                               type(error).__name__)
+            self.cache.listener_healthy = False
+            self.connected.clear()
+            self._connection = None
+            await asyncio.sleep(self.retry_delay)
+
+    async def _apply(self, payload: str) -> None:
+        salon_ids = parse_payload(payload)
+        try:
+            if salon_ids is None:
+                await self.cache.clear_all()
+            else:
+                await self.cache.invalidate_salons(salon_ids)
+        except Exception:
+            # Redis is down: nothing is served from it until it returns, but entries written
+            # before this change may still be there when it does. Clear on the next success.
+            logger.warning("could not invalidate after a booking change; bypassing the cache")
+            self.cache.listener_healthy = False
+            await self._clear_when_possible()
+
+    async def _clear_when_possible(self) -> None:
+        while True:
+            try:
+                await self.cache.clear_all()
+            except Exception:
+                await asyncio.sleep(self.retry_delay)
+                continue
+            self.cache.listener_healthy = True
+            return

@@ -1,0 +1,239 @@
+"""HTTP surface of the reports: parse, authorise, shape the response. No SQL here."""
+
+from __future__ import annotations
+
+import time
+from datetime import date
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from service.auth import Principal
+from service.cache import CacheResult, Outcome
+from service.deps import AdminDep, PrincipalDep, ReportServiceDep, ResourcesDep
+from service.errors import APIError
+from service.reports.params import (
+    MAX_PERIOD_DAYS,
+    BookingFilters,
+    Granularity,
+    Period,
+    Scope,
+    Status,
+    default_period,
+)
+from service.reports.schemas import (
+    BookingsReport,
+    DashboardReport,
+    ErrorBody,
+    ProfessionalsReport,
+    RealtimeReport,
+)
+from service.reports.service import ReportService, decode_cursor
+
+PREFIX = "/api/v1/optimized-reports"
+MAX_ID = 2**63 - 1
+ISO_DATE = r"^\d{4}-\d{2}-\d{2}$"
+
+router = APIRouter(prefix=PREFIX, tags=["reports"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        400: "Malformed cursor",
+        401: "Missing, invalid or expired token",
+        403: "Valid token, but the salon or report is out of its scope",
+        404: "Unknown salon",
+        422: "Invalid parameters",
+        503: "Database unavailable (retry after the Retry-After header)",
+    }.items()
+}
+
+SalonQuery = Annotated[
+    int | None,
+    Query(ge=1, le=MAX_ID, description="The salon; omit for platform-wide (admins only)."),
+]
+StartQuery = Annotated[
+    str | None,
+    Query(pattern=ISO_DATE, description="First day, inclusive (YYYY-MM-DD, salon-local)."),
+]
+EndQuery = Annotated[
+    str | None,
+    Query(pattern=ISO_DATE, description="Last day, inclusive (YYYY-MM-DD, salon-local)."),
+]
+
+
+def _parse_date(value: str, name: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise APIError(422, "validation_error", f"{name}: not a calendar date") from None
+
+
+def parse_period(start: str | None, end: str | None, today: date) -> Period:
+    """The period asked for, or the 30 days ending today; 422 when it makes no sense."""
+    default = default_period(today)
+    end_day = _parse_date(end, "end") if end is not None else default.end
+    if start is not None:
+        start_day = _parse_date(start, "start")
+    elif end is not None:
+        start_day = date.fromordinal(end_day.toordinal() - (default.days - 1))
+    else:
+        start_day = default.start
+    if start_day > end_day:
+        raise APIError(422, "validation_error", "start must not be after end")
+    period = Period(start_day, end_day)
+    if period.days > MAX_PERIOD_DAYS:
+        raise APIError(422, "validation_error", f"the period may span at most {MAX_PERIOD_DAYS} days")
+    return period
+
+
+def authorise_report(principal: Principal, salon_id: int | None) -> None:
+    if principal.role == "ops":
+        raise APIError(403, "forbidden", "ops tokens do not give access to business data")
+    if principal.role == "owner":
+        if salon_id is None:
+            raise APIError(403, "forbidden", "platform-wide reports are for admins; pass salon_id")
+        if salon_id not in principal.salon_ids:
+            raise APIError(403, "forbidden", "this salon is not in the token's scope")
+
+
+async def _scope(
+    reports: ReportService, principal: Principal, salon_id: int | None
+) -> Scope:
+    authorise_report(principal, salon_id)
+    return await reports.resolve_scope(salon_id)
+
+
+def report_response(request: Request, outcome: Outcome, started: float) -> Response:
+    """Serve stored bytes with validators, freshness and timings; 304 when the client has them."""
+    entry = outcome.entry
+    now = time.time()
+    max_age = entry.seconds_left(now) if outcome.result is not CacheResult.BYPASS else 0
+    total_ms = (time.perf_counter() - started) * 1000
+    headers = {
+        "ETag": entry.etag,
+        "Cache-Control": f"private, max-age={max_age}",
+        "X-Cache": outcome.result.header,
+        "Server-Timing": (
+            f"cache;dur={outcome.cache_ms:.1f}, db;dur={outcome.compute_ms:.1f}, "
+            f"total;dur={total_ms:.1f}"
+        ),
+    }
+    request.state.cache_result = outcome.result
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None and _etag_matches(if_none_match, entry.etag):
+        return Response(status_code=304, headers=headers)
+    return Response(entry.body, media_type="application/json", headers=headers)
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    candidates = {part.strip() for part in header.split(",")}
+    return "*" in candidates or etag in candidates
+
+
+@router.get("/dashboard", response_model=DashboardReport, responses=ERRORS)
+async def dashboard(
+    request: Request,
+    principal: PrincipalDep,
+    reports: ReportServiceDep,
+    salon_id: SalonQuery = None,
+    start: StartQuery = None,
+    end: EndQuery = None,
+) -> Response:
+    """Totals, rates, clients, top services and the daily series of a period."""
+    started = time.perf_counter()
+    request.state.report_name = "dashboard"
+    scope = await _scope(reports, principal, salon_id)
+    period = parse_period(start, end, reports.today(scope))
+    outcome = await reports.dashboard(principal, scope, period)
+    return report_response(request, outcome, started)
+
+
+@router.get("/bookings", response_model=BookingsReport, responses=ERRORS)
+async def bookings(
+    request: Request,
+    principal: PrincipalDep,
+    reports: ReportServiceDep,
+    salon_id: SalonQuery = None,
+    start: StartQuery = None,
+    end: EndQuery = None,
+    granularity: Granularity = "day",
+    professional_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    service_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    status: Status | None = None,
+) -> Response:
+    """Bookings over time (day, week or month), by category and by local hour."""
+    started = time.perf_counter()
+    request.state.report_name = "bookings"
+    scope = await _scope(reports, principal, salon_id)
+    period = parse_period(start, end, reports.today(scope))
+    filters = BookingFilters(professional_id=professional_id, service_id=service_id,
+                             status=status)
+    outcome = await reports.bookings(principal, scope, period, granularity, filters)
+    return report_response(request, outcome, started)
+
+
+@router.get("/professionals", response_model=ProfessionalsReport, responses=ERRORS)
+async def professionals(
+    request: Request,
+    principal: PrincipalDep,
+    reports: ReportServiceDep,
+    salon_id: SalonQuery = None,
+    start: StartQuery = None,
+    end: EndQuery = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> Response:
+    """Per-professional performance with client retention, keyset-paginated."""
+    started = time.perf_counter()
+    request.state.report_name = "professionals"
+    scope = await _scope(reports, principal, salon_id)
+    period = parse_period(start, end, reports.today(scope))
+    after_id = decode_cursor(cursor) if cursor is not None else None
+    outcome = await reports.professionals(principal, scope, period, limit, after_id)
+    return report_response(request, outcome, started)
+
+
+@router.get("/realtime", response_model=RealtimeReport, responses=ERRORS)
+async def realtime(
+    request: Request,
+    principal: PrincipalDep,
+    reports: ReportServiceDep,
+    salon_id: SalonQuery = None,
+) -> Response:
+    """Today's bookings by status and revenue so far (salon-local day); never cached."""
+    started = time.perf_counter()
+    request.state.report_name = "realtime"
+    scope = await _scope(reports, principal, salon_id)
+    outcome = await reports.realtime(scope)
+    return report_response(request, outcome, started)
+
+
+class CacheClearRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    report: Literal["dashboard", "bookings", "professionals"] | None = Field(
+        None, description="Only this report; omit for all."
+    )
+    salon_id: int | None = Field(None, ge=1, le=MAX_ID, description="Only this salon.")
+
+
+class CacheClearResponse(BaseModel):
+    deleted: int
+
+
+@router.post("/cache/clear", response_model=CacheClearResponse, responses=ERRORS)
+async def clear_cache(
+    _: AdminDep, resources: ResourcesDep, body: CacheClearRequest | None = None
+) -> CacheClearResponse:
+    """Drop cached reports by report and/or salon; with neither, everything (admins only)."""
+    request = body or CacheClearRequest()
+    cache = resources.cache
+    if request.salon_id is not None:
+        deleted = await cache.invalidate(request.salon_id, request.report)
+    else:
+        deleted = await cache.clear_all(request.report)
+    return CacheClearResponse(deleted=deleted)
+

@@ -1,0 +1,201 @@
+"""Report service: scope resolution, cache-aside and single flight; one function per report.
+
+Endpoints hand in an authorised principal and parsed parameters; this module normalises them
+into a cache key, asks the cache, and on a miss runs the report's one SQL statement
+(``queries``) on the read engine and serialises the typed response once, with orjson. The
+bytes stored in the cache are the bytes served.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, date, datetime
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from service.auth import Principal
+from service.cache import CacheEntry, CacheResult, Outcome, ReportCache, build_key
+from service.config import Settings
+from service.errors import APIError, database_error
+from service.reports import queries
+from service.reports.params import (
+    PLATFORM_TIMEZONE,
+    BookingFilters,
+    Granularity,
+    Period,
+    Scope,
+    local_today,
+)
+from service.reports.schemas import (
+    BookingsReport,
+    DashboardReport,
+    ProfessionalsReport,
+    RealtimeReport,
+    ReportMeta,
+)
+
+SALON_TIMEZONE_TTL = 60.0
+
+
+def encode_cursor(after_id: int) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps({"after": after_id})).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The professional id a cursor continues after; a 400 for anything we did not issue."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        value = orjson.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        after = value["after"]
+        if isinstance(after, int) and not isinstance(after, bool) and 0 < after < 2**63:
+            return after
+    except (ValueError, KeyError, TypeError, UnicodeError, binascii.Error, orjson.JSONDecodeError):
+        pass
+    raise APIError(400, "invalid_cursor", "the cursor is malformed; start again without one")
+
+
+def _serialise(model: BaseModel) -> bytes:
+    return orjson.dumps(model.model_dump())
+
+
+class ReportService:
+    def __init__(self, engine: AsyncEngine, cache: ReportCache, settings: Settings) -> None:
+        self.engine = engine
+        self.cache = cache
+        self.settings = settings
+        self._timezones: dict[int, tuple[str, float]] = {}
+        self.query_observer: Callable[[str], None] | None = None
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[AsyncConnection]:
+        """A read connection; database failures become a 503 the client can retry."""
+        try:
+            async with self.engine.connect() as connection:
+                yield connection
+        except (PoolTimeoutError, OperationalError, InterfaceError) as error:
+            raise database_error(error) from error
+
+    async def resolve_scope(self, salon_id: int | None) -> Scope:
+        """The scope of a request; 404 for a salon that does not exist."""
+        if salon_id is None:
+            return Scope(None, PLATFORM_TIMEZONE)
+        known = self._timezones.get(salon_id)
+        now = time.monotonic()
+        if known is not None and known[1] > now:
+            return Scope(salon_id, known[0])
+        async with self._connection() as connection:
+            timezone = await queries.salon_timezone(connection, salon_id)
+        if timezone is None:
+            raise APIError(404, "salon_not_found", f"there is no salon {salon_id}")
+        self._timezones[salon_id] = (timezone, now + SALON_TIMEZONE_TTL)
+        return Scope(salon_id, timezone)
+
+    def today(self, scope: Scope) -> date:
+        return local_today(scope.timezone)
+
+    async def _cached(
+        self,
+        report: str,
+        principal: Principal,
+        scope: Scope,
+        params: dict[str, Any],
+        compute: Callable[[], Awaitable[bytes]],
+    ) -> Outcome:
+        key = build_key(report, scope.salon_id, principal.scope_key, params)
+        return await self.cache.fetch(key, self.settings.cache_ttl(report), compute)
+
+    @staticmethod
+    def _meta(scope: Scope, period: Period) -> ReportMeta:
+        return ReportMeta(
+            salon_id=scope.salon_id, timezone=scope.timezone, start=period.start, end=period.end
+        )
+
+    async def dashboard(self, principal: Principal, scope: Scope, period: Period) -> Outcome:
+        async def compute() -> bytes:
+            async with self._connection() as connection:
+                data = await queries.dashboard_metrics(connection, scope, period)
+            return _serialise(DashboardReport(meta=self._meta(scope, period), **data))
+
+        params = {"start": period.start.isoformat(), "end": period.end.isoformat()}
+        return await self._cached("dashboard", principal, scope, params, compute)
+
+    async def bookings(
+        self,
+        principal: Principal,
+        scope: Scope,
+        period: Period,
+        granularity: Granularity,
+        filters: BookingFilters,
+    ) -> Outcome:
+        async def compute() -> bytes:
+            async with self._connection() as connection:
+                data = await queries.booking_metrics(connection, scope, period, granularity,
+                                                     filters)
+            return _serialise(BookingsReport(meta=self._meta(scope, period), **data))
+
+        params = {
+            "start": period.start.isoformat(),
+            "end": period.end.isoformat(),
+            "granularity": granularity,
+            "professional_id": filters.professional_id,
+            "service_id": filters.service_id,
+            "status": filters.status,
+        }
+        return await self._cached("bookings", principal, scope, params, compute)
+
+    async def professionals(
+        self,
+        principal: Principal,
+        scope: Scope,
+        period: Period,
+        limit: int,
+        after_id: int | None,
+    ) -> Outcome:
+        async def compute() -> bytes:
+            async with self._connection() as connection:
+                page = await queries.professional_performance(
+                    connection, scope, period, limit=limit, after_id=after_id
+                )
+            next_after = page["next_after_id"]
+            report = ProfessionalsReport(
+                meta=self._meta(scope, period),
+                items=page["items"],
+                next_cursor=None if next_after is None else encode_cursor(next_after),
+            )
+            return _serialise(report)
+
+        params = {
+            "start": period.start.isoformat(),
+            "end": period.end.isoformat(),
+            "limit": limit,
+            "after": after_id,
+        }
+        return await self._cached("professionals", principal, scope, params, compute)
+
+    async def realtime(self, scope: Scope) -> Outcome:
+        """Never cached: today's figures straight from the database."""
+        started = time.perf_counter()
+        today = self.today(scope)
+        async with self._connection() as connection:
+            data = await queries.realtime_metrics(connection, scope, today)
+        body = _serialise(
+            RealtimeReport(
+                salon_id=scope.salon_id,
+                timezone=scope.timezone,
+                date=today,
+                as_of=datetime.now(UTC).replace(microsecond=0),
+                **data,
+            )
+        )
+        compute_ms = (time.perf_counter() - started) * 1000
+        return Outcome(CacheEntry.of(body, 0, time.time()), CacheResult.BYPASS,
+                       compute_ms=compute_ms)
