@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     pool_max_overflow: int = Field(5, alias="REPORTS_DB_POOL_MAX_OVERFLOW", ge=0)
     pool_timeout: float = Field(2.0, alias="REPORTS_DB_POOL_TIMEOUT", gt=0)
     redis_timeout: float = Field(0.25, alias="REPORTS_REDIS_TIMEOUT", gt=0)
+    redis_breaker_threshold: int = Field(3, alias="REPORTS_REDIS_BREAKER_THRESHOLD", ge=1)
+    redis_breaker_cooldown: float = Field(5.0, alias="REPORTS_REDIS_BREAKER_COOLDOWN", gt=0)
+    cache_lock_lease: float = Field(15.0, alias="REPORTS_CACHE_LOCK_LEASE", gt=0)
     jaeger_url: str = Field("http://localhost:16686", alias="REPORTS_JAEGER_URL")
 
     @property

@@ -20,6 +20,8 @@ from service.cache import ReportCache
 logger = logging.getLogger("service.invalidation")
 
 CHANNEL = "bookings_changed"
+_STOP = "\x00stop"
+_BROKEN = "\x00broken"
 
 
 def parse_payload(payload: str) -> set[int] | None:
@@ -45,29 +47,47 @@ class InvalidationListener:
         self.reconnects = 0
         self._task: asyncio.Task[None] | None = None
         self._connection: psycopg.AsyncConnection | None = None
+        self._stopping = asyncio.Event()
+        self._payloads: asyncio.Queue[str] = asyncio.Queue()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="invalidation-listener")
 
     async def stop(self) -> None:
+        """Stop listening: wake the loop and let it leave on its own, cancel as a last resort."""
+        self._stopping.set()
+        self._payloads.put_nowait(_STOP)
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=2)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
         self.connected.clear()
 
     async def drop_connection(self) -> None:
-        """Close the listening connection (tests use it to simulate a network cut)."""
-        if self._connection is not None:
-            await self._connection.close()
+        """Have the server terminate the listening connection (a network cut, for tests)."""
+        connection = self._connection
+        if connection is None:
+            return
+        pid = connection.info.backend_pid
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as admin:
+            await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
     async def _run(self) -> None:
         first = True
-        while True:
+        while not self._stopping.is_set():
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self.dsn, autocommit=True, connect_timeout=5,
+                    self.dsn,
+                    autocommit=True,
+                    connect_timeout=5,
                     application_name="salon-reports-listener",
+                    keepalives=1,
+                    keepalives_idle=5,
+                    keepalives_interval=2,
+                    keepalives_count=3,
                 ) as connection:
                     self._connection = connection
                     await connection.execute(f"LISTEN {CHANNEL}")
@@ -79,8 +99,7 @@ class InvalidationListener:
                     first = False
                     self.cache.listener_healthy = True
                     self.connected.set()
-                    async for notification in connection.notifies():
-                        await self._apply(notification.payload)
+                    await self._consume(connection)
             except asyncio.CancelledError:
                 raise
             except Exception as error:
@@ -89,7 +108,42 @@ class InvalidationListener:
             self.cache.listener_healthy = False
             self.connected.clear()
             self._connection = None
-            await asyncio.sleep(self.retry_delay)
+            if not self._stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.retry_delay)
+
+    async def _consume(self, connection: psycopg.AsyncConnection) -> None:
+        """Read notifications straight off the socket until the connection breaks.
+
+        psycopg's ``notifies()`` generator holds the connection lock and does not always
+        give up on cancellation; a reader callback on the socket can be removed at any time.
+        """
+        loop = asyncio.get_running_loop()
+        pgconn = connection.pgconn
+        payloads = self._payloads
+
+        def on_readable() -> None:
+            try:
+                pgconn.consume_input()
+            except psycopg.OperationalError:
+                payloads.put_nowait(_BROKEN)
+                return
+            while (notification := pgconn.notifies()) is not None:
+                payloads.put_nowait(notification.extra.decode())
+
+        fd = pgconn.socket
+        loop.add_reader(fd, on_readable)
+        try:
+            on_readable()  # anything that arrived with the LISTEN's answer
+            while True:
+                payload = await payloads.get()
+                if payload is _STOP:
+                    return
+                if payload is _BROKEN:
+                    raise ConnectionError("the listening connection was closed")
+                await self._apply(payload)
+        finally:
+            loop.remove_reader(fd)
 
     async def _apply(self, payload: str) -> None:
         salon_ids = parse_payload(payload)

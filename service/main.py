@@ -36,9 +36,8 @@ def _redis(settings: Settings) -> Redis | None:
     )
 
 
-@asynccontextmanager
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings: Settings = app.state.settings
+async def start_resources(settings: Settings) -> Resources:
+    """Create engines, the Redis client, the cache and the invalidation listener."""
     engine = async_engine(
         settings.database_url,
         pool_size=settings.pool_size,
@@ -56,13 +55,21 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             statement_timeout_ms=settings.statement_timeout_ms,
         )
     redis = _redis(settings)
-    cache = ReportCache(redis, stale_grace=settings.cache_stale_grace, breaker=CircuitBreaker())
+    cache = ReportCache(
+        redis,
+        stale_grace=settings.cache_stale_grace,
+        lock_lease=settings.cache_lock_lease,
+        breaker=CircuitBreaker(
+            threshold=settings.redis_breaker_threshold,
+            cooldown=settings.redis_breaker_cooldown,
+        ),
+    )
     listener = None
     if redis is not None:
         listener = InvalidationListener(libpq_url(settings.database_url), cache)
         cache.listener_healthy = False  # until the listener has connected
         listener.start()
-    app.state.resources = Resources(
+    return Resources(
         settings=settings,
         engine=engine,
         read_engine=read_engine,
@@ -70,17 +77,26 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         reports=ReportService(read_engine, cache, settings),
         listener=listener,
     )
+
+
+async def stop_resources(resources: Resources) -> None:
+    if resources.listener is not None:
+        await resources.listener.stop()
+    await resources.cache.close()
+    if resources.cache.redis is not None:
+        await resources.cache.redis.aclose()
+    if resources.read_engine is not resources.engine:
+        await resources.read_engine.dispose()
+    await resources.engine.dispose()
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    app.state.resources = await start_resources(app.state.settings)
     try:
         yield
     finally:
-        if listener is not None:
-            await listener.stop()
-        await cache.close()
-        if redis is not None:
-            await redis.aclose()
-        if read_engine is not engine:
-            await read_engine.dispose()
-        await engine.dispose()
+        await stop_resources(app.state.resources)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -7,15 +7,23 @@ database and Redis database number, never the demo data of `make run`.
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
 
+import httpx
 import psycopg
 import pytest
 import redis
+from fastapi import FastAPI
 
+from service.auth import issue_token
 from service.config import Settings
 from service.db import libpq_url, migrate, with_database
+from service.deps import Resources
+from service.main import create_app, start_resources, stop_resources
 
 TABLES = ("audit_events", "bookings", "services", "professionals", "users", "salons")
 
@@ -58,11 +66,11 @@ def dsn(database_url: str) -> str:
 
 
 @pytest.fixture
-def clean_db(dsn: str) -> Iterator[str]:
+def clean_db(dsn: str) -> str:
     """Empty tables, identities restarted; yields the libpq DSN."""
     with psycopg.connect(dsn, autocommit=True) as connection:
         connection.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
-    yield dsn
+    return dsn
 
 
 @pytest.fixture
@@ -81,9 +89,89 @@ def redis_test_url(base_settings: Settings) -> str:
 
 
 @pytest.fixture
-def redis_url(redis_test_url: str) -> Iterator[str]:
+def redis_url(redis_test_url: str) -> str:
     """An empty Redis database for this test."""
     client = redis.Redis.from_url(redis_test_url)
     client.flushdb()
     client.close()
-    yield redis_test_url
+    return redis_test_url
+
+
+# -- the application ----------------------------------------------------------------------
+
+
+@dataclass
+class Api:
+    """An app running its lifespan, and an HTTP client speaking to it in process."""
+
+    app: FastAPI
+    http: httpx.AsyncClient
+    settings: Settings
+
+    @property
+    def resources(self) -> Resources:
+        resources: Resources = self.app.state.resources
+        return resources
+
+    def token(self, role: str = "admin", salons: list[int] | None = None, **kwargs: Any) -> str:
+        return issue_token(
+            self.settings.jwt_secret,
+            role=role,
+            salon_ids=salons,  # type: ignore[arg-type]
+            **kwargs,
+        )
+
+    async def get(self, path: str, token: str | None = None, **kwargs: Any) -> httpx.Response:
+        headers = dict(kwargs.pop("headers", {}))
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return await self.http.get(path, headers=headers, **kwargs)
+
+    async def report(self, name: str, token: str | None = None, **params: Any) -> httpx.Response:
+        return await self.get(
+            f"/api/v1/optimized-reports/{name}", token or self.token(), params=params
+        )
+
+
+def app_settings(base: Settings, database_url: str, redis_url: str, **overrides: Any) -> Settings:
+    return base.model_copy(
+        update={
+            "database_url": database_url,
+            "read_database_url": None,
+            "redis_url": redis_url,
+            "environment": "test",
+            **overrides,
+        }
+    )
+
+
+class RunningApi:
+    """Start an app (lifespan included) and wait for its invalidation listener."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        self.http: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> Api:
+        self.app.state.resources = await start_resources(self.settings)
+        listener = self.app.state.resources.listener
+        if listener is not None:
+            await asyncio.wait_for(listener.connected.wait(), 10)
+        self.http = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="http://testserver"
+        )
+        return Api(self.app, self.http, self.settings)
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.http is not None
+        await self.http.aclose()
+        await stop_resources(self.app.state.resources)
+
+
+@pytest.fixture
+async def api(
+    base_settings: Settings, database_url: str, clean_db: str, redis_url: str
+) -> AsyncIterator[Api]:
+    async with RunningApi(app_settings(base_settings, database_url, redis_url)) as running:
+        yield running

@@ -75,3 +75,29 @@ def add_booking(
     ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def small_dataset(db: psycopg.Connection) -> dict[str, int]:
+    """Two salons in different time zones with a few bookings in the last 30 days."""
+    from datetime import UTC, timedelta
+
+    lisbon = add_salon(db, "Lisboa Hair", "Europe/Lisbon")
+    newyork = add_salon(db, "NYC Nails", "America/New_York")
+    alice = add_user(db, "alice@example.test")
+    bob = add_user(db, "bob@example.test")
+    pro_l = add_professional(db, lisbon, "Ana")
+    pro_n = add_professional(db, newyork, "Nia")
+    cut = add_service(db, lisbon, "Cut", "hair", 3000)
+    nails = add_service(db, newyork, "Manicure", "nails", 2500)
+    now = datetime.now(UTC).replace(microsecond=0)
+    for days_ago, client, status in [(2, alice, "completed"), (3, bob, "completed"),
+                                     (5, alice, "cancelled"), (8, alice, "completed")]:
+        add_booking(db, salon_id=lisbon, client_id=client, professional_id=pro_l,
+                    service_id=cut, scheduled_at=now - timedelta(days=days_ago),
+                    status=status, price_cents=3000)
+    for days_ago, status in [(1, "completed"), (4, "no_show")]:
+        add_booking(db, salon_id=newyork, client_id=bob, professional_id=pro_n,
+                    service_id=nails, scheduled_at=now - timedelta(days=days_ago),
+                    status=status, price_cents=2500)
+    return {"lisbon": lisbon, "newyork": newyork, "alice": alice, "bob": bob,
+            "pro_lisbon": pro_l, "pro_newyork": pro_n, "cut": cut, "nails": nails}

@@ -1,0 +1,1 @@
+"""Benchmarks of the report queries, and the naive ORM baseline they are measured against."""

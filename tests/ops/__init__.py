@@ -1,0 +1,1 @@
+"""Tests of the ops files: alerts, Alertmanager, Prometheus, collector, compose, dashboards."""
