@@ -1,0 +1,418 @@
+"""The cache against a real Redis and PostgreSQL (SPEC §8, issue 3)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+from sqlalchemy import event
+
+from service.cache import NAMESPACE
+from service.config import Settings
+from tests.conftest import Api, RunningApi, app_settings
+from tests.factories import add_booking, small_dataset
+from tests.support import redis_process
+
+PREFIX = "/api/v1/optimized-reports"
+
+
+@pytest.fixture
+def data(db: psycopg.Connection) -> dict[str, int]:
+    return small_dataset(db)
+
+
+def entry_keys(url: str) -> list[str]:
+    client = redis.Redis.from_url(url)
+    try:
+        names = [name.decode() for name in client.scan_iter(match=f"{NAMESPACE}:*", count=500)]
+    finally:
+        client.close()
+    return sorted(n for n in names if not n.endswith((":epoch", ":lock")) and ":keys:" not in n)
+
+
+class SqlCounter:
+    """Counts report statements as the database driver receives them."""
+
+    def __init__(self, api: Api) -> None:
+        self.count = 0
+        self.engine = api.resources.read_engine.sync_engine
+        event.listen(self.engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, _conn: Any, _cursor: Any, _statement: str, _params: Any, context: Any,
+              _many: bool) -> None:
+        if str(context.execution_options.get("query_name", "")).startswith("report."):
+            self.count += 1
+
+    def close(self) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._seen)
+
+
+@pytest.fixture
+def sql(api: Api) -> Iterator[SqlCounter]:
+    counter = SqlCounter(api)
+    yield counter
+    counter.close()
+
+
+async def test_miss_then_hit_with_the_ttl_set(
+    api: Api, data: dict[str, int], sql: SqlCounter
+) -> None:
+    first = await api.report("dashboard", salon_id=data["lisbon"])
+    second = await api.report("dashboard", salon_id=data["lisbon"])
+    assert first.headers["x-cache"] == "MISS"
+    assert second.headers["x-cache"] == "HIT"
+    assert first.content == second.content
+    assert sql.count == 1
+    [key] = entry_keys(api.settings.redis_url)
+    ttl = redis.Redis.from_url(api.settings.redis_url).ttl(key)
+    expected = api.settings.cache_ttl_dashboard + api.settings.cache_stale_grace
+    assert expected - 5 <= ttl <= expected
+    max_age = int(second.headers["cache-control"].split("max-age=")[1])
+    assert api.settings.cache_ttl_dashboard - 5 <= max_age <= api.settings.cache_ttl_dashboard
+    assert second.headers["cache-control"].startswith("private")
+    timing = second.headers["server-timing"]
+    assert all(f"{part};dur=" in timing for part in ("cache", "db", "total"))
+
+
+@pytest.mark.parametrize("report", ["dashboard", "bookings", "professionals"])
+async def test_each_report_uses_its_own_ttl(api: Api, data: dict[str, int], report: str) -> None:
+    await api.report(report, salon_id=data["lisbon"])
+    [key] = entry_keys(api.settings.redis_url)
+    assert f":{report}:" in key
+    ttl = redis.Redis.from_url(api.settings.redis_url).ttl(key)
+    expected = api.settings.cache_ttl(report) + api.settings.cache_stale_grace
+    assert expected - 5 <= ttl <= expected
+
+
+async def test_equivalent_spellings_share_one_entry(
+    api: Api, data: dict[str, int], sql: SqlCounter
+) -> None:
+    salon = data["lisbon"]
+    today = datetime.now(UTC).astimezone().date()
+    body = (await api.report("bookings", salon_id=salon)).json()
+    start, end = body["meta"]["start"], body["meta"]["end"]
+    spellings = [
+        f"{PREFIX}/bookings?salon_id={salon}",
+        f"{PREFIX}/bookings?end={end}&salon_id={salon}&start={start}",
+        f"{PREFIX}/bookings?granularity=day&start={start}&end={end}&salon_id={salon}",
+        f"{PREFIX}/bookings?salon_id=0{salon}&start={start}&end={end}&unknown=1",
+    ]
+    for url in spellings:
+        response = await api.get(url, api.token())
+        assert response.status_code == 200, response.text
+        assert response.headers["x-cache"] == "HIT", url
+    assert sql.count == 1
+    assert len(entry_keys(api.settings.redis_url)) == 1
+    assert today  # the default period is the salon's, checked by the HIT above
+
+
+async def test_tenants_and_roles_never_share_an_entry(api: Api, data: dict[str, int]) -> None:
+    lisbon, newyork = data["lisbon"], data["newyork"]
+    start, end = "2026-01-01", "2026-12-31"
+    askers = [
+        (api.token("owner", [lisbon]), lisbon),
+        (api.token("owner", [newyork]), newyork),
+        (api.token("owner", [lisbon, newyork]), lisbon),
+        (api.token("admin"), lisbon),
+        (api.token("admin"), None),
+    ]
+    bodies = []
+    for token, salon in askers:
+        params: dict[str, Any] = {"start": start, "end": end}
+        if salon is not None:
+            params["salon_id"] = salon
+        response = await api.report("dashboard", token, **params)
+        assert response.status_code == 200
+        bodies.append(response.json())
+        assert response.json()["meta"]["salon_id"] == salon
+    # owners of the same salon may share; owner vs admin and salon vs salon never do
+    assert bodies[0]["bookings_total"] == 4
+    assert bodies[1]["bookings_total"] == 2
+    assert bodies[4]["bookings_total"] == 6
+    keys = entry_keys(api.settings.redis_url)
+    assert len(keys) == 4
+    assert sum("{s:%d}" % lisbon in key for key in keys) == 2
+    assert sum("{s:%d}" % newyork in key for key in keys) == 1
+    assert sum("{p}" in key for key in keys) == 1
+
+
+async def _wait_for(predicate: Any, timeout: float = 1.0) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if await predicate():
+            return time.monotonic() - started
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not true within {timeout} s")
+
+
+@pytest.mark.parametrize("change", ["insert", "update", "delete"])
+async def test_a_booking_change_from_any_writer_invalidates_within_a_second(
+    api: Api, data: dict[str, int], db: psycopg.Connection, change: str
+) -> None:
+    salon = data["lisbon"]
+    before = (await api.report("dashboard", salon_id=salon)).json()
+    platform_before = (await api.report("dashboard")).json()
+    assert (await api.report("dashboard", salon_id=salon)).headers["x-cache"] == "HIT"
+    other = (await api.report("dashboard", salon_id=data["newyork"])).json()
+
+    if change == "insert":
+        add_booking(db, salon_id=salon, client_id=data["bob"], professional_id=data["pro_lisbon"],
+                    service_id=data["cut"], scheduled_at=datetime.now(UTC) - timedelta(hours=1),
+                    status="completed", price_cents=4000)
+        expected = before["revenue_cents"] + 4000
+    elif change == "update":
+        db.execute("UPDATE bookings SET price_cents = 5000 WHERE salon_id = %s"
+                   " AND status = 'completed' AND id = (SELECT min(id) FROM bookings"
+                   " WHERE salon_id = %s AND status = 'completed')", (salon, salon))
+        expected = before["revenue_cents"] + 2000
+    else:
+        db.execute("DELETE FROM bookings WHERE id = (SELECT min(id) FROM bookings"
+                   " WHERE salon_id = %s AND status = 'completed')", (salon,))
+        expected = before["revenue_cents"] - 3000
+
+    async def fresh() -> bool:
+        body = (await api.report("dashboard", salon_id=salon)).json()
+        return bool(body["revenue_cents"] == expected)
+
+    await _wait_for(fresh, timeout=1.0)
+    platform = (await api.report("dashboard")).json()
+    assert platform["revenue_cents"] == platform_before["revenue_cents"] + (
+        expected - before["revenue_cents"])
+    # the other salon's entry was left alone
+    response = await api.report("dashboard", salon_id=data["newyork"])
+    assert response.headers["x-cache"] == "HIT"
+    assert response.json() == other
+
+
+async def test_a_dropped_listener_never_leaves_stale_data_served(
+    api: Api, data: dict[str, int], db: psycopg.Connection
+) -> None:
+    salon = data["lisbon"]
+    before = (await api.report("dashboard", salon_id=salon)).json()
+    listener = api.resources.listener
+    assert listener is not None
+    await listener.drop_connection()
+    # write while the listener is gone: its notification is lost
+    db.execute("UPDATE bookings SET price_cents = price_cents + 100 WHERE salon_id = %s"
+               " AND status = 'completed'", (salon,))
+    expected = before["revenue_cents"] + 100 * before["by_status"]["completed"]
+    for _ in range(20):
+        body = (await api.report("dashboard", salon_id=salon)).json()
+        assert body["revenue_cents"] == expected
+        await asyncio.sleep(0.05)
+    await asyncio.wait_for(listener.connected.wait(), 5)
+    assert listener.reconnects == 1
+    response = await api.report("dashboard", salon_id=salon)
+    assert response.json()["revenue_cents"] == expected
+    assert (await api.report("dashboard", salon_id=salon)).headers["x-cache"] == "HIT"
+
+
+async def test_200_concurrent_cold_requests_run_the_sql_once(
+    api: Api, data: dict[str, int], sql: SqlCounter
+) -> None:
+    token = api.token()
+    responses = await asyncio.gather(*[
+        api.report("professionals", token, salon_id=data["lisbon"]) for _ in range(200)
+    ])
+    assert {r.status_code for r in responses} == {200}
+    assert len({r.content for r in responses}) == 1
+    assert sql.count == 1
+
+
+async def test_cold_requests_across_workers_run_the_sql_once(
+    base_settings: Settings, database_url: str, data: dict[str, int], redis_url: str
+) -> None:
+    settings = app_settings(base_settings, database_url, redis_url)
+    async with RunningApi(settings) as one, RunningApi(settings) as two:
+        counters = [SqlCounter(one), SqlCounter(two)]
+        token = one.token()
+        responses = await asyncio.gather(*[
+            worker.report("bookings", token, salon_id=data["lisbon"], granularity="week")
+            for _ in range(50) for worker in (one, two)
+        ])
+        assert {r.status_code for r in responses} == {200}
+        assert len({r.content for r in responses}) == 1
+        assert sum(c.count for c in counters) == 1
+        for counter in counters:
+            counter.close()
+
+
+async def test_a_crashed_lock_holder_blocks_no_longer_than_its_lease(
+    base_settings: Settings, database_url: str, data: dict[str, int], redis_url: str
+) -> None:
+    settings = app_settings(base_settings, database_url, redis_url, cache_lock_lease=1.0)
+    async with RunningApi(settings) as api:
+        await api.report("dashboard", salon_id=data["lisbon"])
+        [key] = entry_keys(redis_url)
+        client = redis.Redis.from_url(redis_url)
+        client.delete(key)
+        client.set(f"{key}:lock", "crashed-holder", px=1000)  # a holder that will never finish
+        started = time.monotonic()
+        response = await api.report("dashboard", salon_id=data["lisbon"])
+        waited = time.monotonic() - started
+        assert response.status_code == 200
+        assert response.headers["x-cache"] == "MISS"
+        assert waited < 3.0
+
+
+async def test_redis_killed_mid_test_then_back(
+    base_settings: Settings, database_url: str, data: dict[str, int], db: psycopg.Connection
+) -> None:
+    with redis_process() as server:
+        settings = app_settings(base_settings, database_url, server.url,
+                                redis_breaker_cooldown=0.5)
+        async with RunningApi(settings) as api:
+            salon = data["lisbon"]
+            expected = (await api.report("dashboard", salon_id=salon)).json()
+            assert (await api.report("dashboard", salon_id=salon)).headers["x-cache"] == "HIT"
+            server.kill()
+            for _ in range(30):
+                response = await api.report("dashboard", salon_id=salon)
+                assert response.status_code == 200
+                assert response.headers["x-cache"] == "BYPASS"
+                assert response.json() == expected
+            assert api.resources.cache.breaker.is_open
+            server.start()  # an empty Redis on the same port
+
+            async def hits_again() -> bool:
+                await api.report("dashboard", salon_id=salon)
+                response = await api.report("dashboard", salon_id=salon)
+                return response.headers["x-cache"] == "HIT"
+
+            await _wait_for(hits_again, timeout=5.0)
+            assert (await api.report("dashboard", salon_id=salon)).json() == expected
+
+
+async def test_redis_disabled_still_answers(
+    base_settings: Settings, database_url: str, data: dict[str, int]
+) -> None:
+    settings = app_settings(base_settings, database_url, "")
+    async with RunningApi(settings) as api:
+        response = await api.report("dashboard", salon_id=data["lisbon"])
+        assert response.status_code == 200
+        assert response.headers["x-cache"] == "BYPASS"
+        assert (await api.get("/readyz")).json()["redis"] == "disabled"
+
+
+async def _clear(api: Api, **body: Any) -> int:
+    response = await api.http.post(f"{PREFIX}/cache/clear", json=body,
+                                   headers={"Authorization": f"Bearer {api.token()}"})
+    assert response.status_code == 200, response.text
+    return int(response.json()["deleted"])
+
+
+async def _fill(api: Api, data: dict[str, int]) -> None:
+    for report in ("dashboard", "bookings", "professionals"):
+        for salon in (data["lisbon"], data["newyork"], None):
+            params = {} if salon is None else {"salon_id": salon}
+            assert (await api.report(report, **params)).status_code == 200
+
+
+async def test_cache_clear_by_scope_deletes_exactly_that_scope(
+    api: Api, data: dict[str, int]
+) -> None:
+    url = api.settings.redis_url
+    await _fill(api, data)
+    assert len(entry_keys(url)) == 9
+    assert await _clear(api, report="bookings", salon_id=data["lisbon"]) == 1
+    remaining = entry_keys(url)
+    assert len(remaining) == 8
+    assert not any(":bookings:" in k and "{s:%d}" % data["lisbon"] in k for k in remaining)
+    assert await _clear(api, salon_id=data["newyork"]) == 3
+    assert not any("{s:%d}" % data["newyork"] in k for k in entry_keys(url))
+    assert await _clear(api, report="dashboard") == 2
+    assert not any(":dashboard:" in k for k in entry_keys(url))
+    assert await _clear(api) == 3
+    assert entry_keys(url) == []
+
+
+async def test_cache_clear_rejects_anything_but_its_fields(api: Api) -> None:
+    response = await api.http.post(f"{PREFIX}/cache/clear", json={"pattern": "*"},
+                                   headers={"Authorization": f"Bearer {api.token()}"})
+    assert response.status_code == 422
+    response = await api.http.post(f"{PREFIX}/cache/clear", json={"report": "sr:*"},
+                                   headers={"Authorization": f"Bearer {api.token()}"})
+    assert response.status_code == 422
+
+
+async def test_etag_round_trip(api: Api, data: dict[str, int]) -> None:
+    first = await api.report("dashboard", salon_id=data["lisbon"])
+    etag = first.headers["etag"]
+    assert etag.startswith('"') and not etag.startswith('W/')
+    again = await api.get(f"{PREFIX}/dashboard", api.token(), params={"salon_id": data["lisbon"]},
+                          headers={"If-None-Match": etag})
+    assert again.status_code == 304
+    assert again.content == b""
+    assert again.headers["etag"] == etag
+    other = await api.get(f"{PREFIX}/dashboard", api.token(), params={"salon_id": data["lisbon"]},
+                          headers={"If-None-Match": '"something-else"'})
+    assert other.status_code == 200
+    # same bytes, same ETag, in another process with an empty cache
+    await _clear(api)
+    recomputed = await api.report("dashboard", salon_id=data["lisbon"])
+    assert recomputed.headers["x-cache"] == "MISS"
+    assert recomputed.headers["etag"] == etag
+
+
+async def test_stale_entries_are_served_while_one_refresh_runs(
+    base_settings: Settings, database_url: str, data: dict[str, int], redis_url: str
+) -> None:
+    settings = app_settings(base_settings, database_url, redis_url, cache_ttl_dashboard=1,
+                            cache_stale_grace=30)
+    async with RunningApi(settings) as api:
+        counter = SqlCounter(api)
+        salon = data["lisbon"]
+        await api.report("dashboard", salon_id=salon)
+        await asyncio.sleep(1.1)
+        stale = await asyncio.gather(*[api.report("dashboard", salon_id=salon)
+                                       for _ in range(20)])
+        # served at once from the stale entry; once the refresh lands, as hits
+        served = [r.headers["x-cache"] for r in stale]
+        assert served[0] == "STALE"
+        assert set(served) <= {"STALE", "HIT"}
+        assert stale[0].headers["cache-control"] == "private, max-age=0"
+
+        async def refreshed() -> bool:
+            response = await api.report("dashboard", salon_id=salon)
+            return response.headers["x-cache"] == "HIT"
+
+        await _wait_for(refreshed, timeout=2.0)
+        assert counter.count == 2  # the first fill and exactly one background refresh
+        counter.close()
+
+
+async def test_a_stale_entry_beats_a_503_when_the_database_is_down(
+    base_settings: Settings, database_url: str, data: dict[str, int], redis_url: str
+) -> None:
+    from service.db import async_engine, with_database
+
+    settings = app_settings(base_settings, database_url, redis_url, cache_ttl_dashboard=1,
+                            cache_stale_grace=30)
+    async with RunningApi(settings) as api:
+        salon = data["lisbon"]
+        fresh = await api.report("dashboard", salon_id=salon)
+        await asyncio.sleep(1.1)
+        reports = api.resources.reports
+        healthy = reports.engine
+        # a database that refuses connections
+        dead_url = with_database(database_url, database_url.rsplit("/", 1)[1]).replace(
+            f":{healthy.url.port}/", ":1/")
+        reports.engine = async_engine(dead_url, pool_timeout=0.5)
+        try:
+            stale = await api.report("dashboard", salon_id=salon)
+            assert stale.status_code == 200
+            assert stale.headers["x-cache"] == "STALE"
+            assert stale.content == fresh.content
+            cold = await api.report("bookings", salon_id=salon)
+            assert cold.status_code == 503
+            assert cold.json()["error"]["code"] == "database_unavailable"
+            assert cold.headers["retry-after"].isdigit()
+        finally:
+            await reports.engine.dispose()
+            reports.engine = healthy
