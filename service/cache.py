@@ -41,8 +41,11 @@ from enum import StrEnum
 from typing import Any
 
 import orjson
+from opentelemetry import trace
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from telemetry import attributes as attr
 
 logger = logging.getLogger("service.cache")
 
@@ -95,6 +98,9 @@ class CacheResult(StrEnum):
     def header(self) -> str:
         """The ``X-Cache`` value: a Redis error is served like a bypass."""
         return "BYPASS" if self is CacheResult.ERROR else self.value.upper()
+
+
+_SERVED_FROM_CACHE = frozenset({CacheResult.HIT, CacheResult.STALE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,8 +228,10 @@ class ReportCache:
         lock_lease: float = 15.0,
         breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] = time.time,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.redis = redis
+        self.tracer = tracer or trace.NoOpTracer()
         self.stale_grace = stale_grace
         self.lock_lease = lock_lease
         self.breaker = breaker or CircuitBreaker()
@@ -246,7 +254,7 @@ class ReportCache:
     async def _call(self, operation: Awaitable[Any]) -> Any:
         try:
             value = await operation
-        except (RedisError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, RedisError, OSError):
             self.breaker.failed()
             raise
         self.breaker.succeeded()
@@ -256,6 +264,16 @@ class ReportCache:
 
     async def fetch(self, key: CacheKey, ttl: float, compute: Compute) -> Outcome:
         """Serve ``key`` from the cache, or compute it once and store it."""
+        with self.tracer.start_as_current_span(
+            "cache.get", attributes={attr.REPORT_NAME: key.report, attr.CACHE_OPERATION: "get"}
+        ) as span:
+            outcome = await self._fetch(key, ttl, compute)
+            if span.is_recording():
+                span.set_attribute(attr.CACHE_RESULT, outcome.result.value)
+                span.set_attribute(attr.CACHE_HIT, outcome.result in _SERVED_FROM_CACHE)
+            return outcome
+
+    async def _fetch(self, key: CacheKey, ttl: float, compute: Compute) -> Outcome:
         started = time.perf_counter()
         if not self.usable:
             outcome = await self._single_flight(key.key, lambda: self._compute(compute, ttl))
@@ -263,7 +281,7 @@ class ReportCache:
             return outcome
         try:
             raw = await self._call(self.redis.get(key.key))  # type: ignore[union-attr]
-        except (RedisError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, RedisError, OSError):
             outcome = await self._single_flight(key.key, lambda: self._compute(compute, ttl))
             outcome.result = CacheResult.ERROR
             outcome.cache_ms = (time.perf_counter() - started) * 1000
@@ -300,7 +318,8 @@ class ReportCache:
 
     async def _compute(self, compute: Compute, ttl: float) -> Outcome:
         started = time.perf_counter()
-        body = await compute()
+        with self.tracer.start_as_current_span("report.compute"):
+            body = await compute()
         compute_ms = (time.perf_counter() - started) * 1000
         return Outcome(CacheEntry.of(body, ttl, self.clock()), CacheResult.MISS,
                        compute_ms=compute_ms)
@@ -313,7 +332,7 @@ class ReportCache:
         token = secrets.token_hex(8)
         try:
             epoch, locked = await self._call(self._epoch_and_lock(redis, key, token))
-        except (RedisError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, RedisError, OSError):
             outcome = await self._compute(compute, ttl)
             outcome.result = CacheResult.ERROR
             return outcome
@@ -351,7 +370,7 @@ class ReportCache:
             delay = min(delay * 2, 0.1)
             try:
                 raw, holder = await self._call(self._get_with_lock(redis, key))
-            except (RedisError, OSError, asyncio.TimeoutError):
+            except (TimeoutError, RedisError, OSError):
                 return None
             if raw is not None:
                 return Outcome(CacheEntry.decode(raw), CacheResult.HIT)
@@ -372,6 +391,15 @@ class ReportCache:
     ) -> None:
         assert self._store is not None and self._release is not None
         lifetime_ms = int((ttl + self.stale_grace) * 1000)
+        with self.tracer.start_as_current_span(
+            "cache.set", attributes={attr.REPORT_NAME: key.report, attr.CACHE_OPERATION: "set"}
+        ):
+            await self._store_entry(key, entry, lifetime_ms, epoch, token)
+
+    async def _store_entry(
+        self, key: CacheKey, entry: CacheEntry, lifetime_ms: int, epoch: str, token: str | None
+    ) -> None:
+        assert self._store is not None and self._release is not None
         try:
             stored = await self._call(
                 self._store(
@@ -383,14 +411,14 @@ class ReportCache:
                 logger.debug("not caching %s: invalidated while it was computed", key.report)
             if token is not None:
                 await self._call(self._release(keys=[key.lock_key], args=[token]))
-        except (RedisError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, RedisError, OSError):
             logger.warning("could not store a %s report in the cache", key.report)
 
     async def _unlock(self, key: CacheKey, token: str) -> None:
         assert self._release is not None
         try:
             await self._call(self._release(keys=[key.lock_key], args=[token]))
-        except (RedisError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, RedisError, OSError):
             pass  # the lease expires by itself
 
     def _refresh_in_background(self, key: CacheKey, ttl: float, compute: Compute) -> None:

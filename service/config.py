@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEV_PLACEHOLDER_SECRET = "dev-only-insecure-secret-change-me"  # noqa: S105 - the refused placeholder
+DEV_PLACEHOLDER_SECRET = "dev-only-insecure-secret-change-me"
 MIN_SECRET_LENGTH = 32
 
 

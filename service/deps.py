@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -15,6 +15,11 @@ from service.config import Settings
 from service.errors import APIError
 from service.invalidation import InvalidationListener
 from service.reports.service import ReportService
+from telemetry.setup import Telemetry
+
+if TYPE_CHECKING:
+    from service.performance import StatsPublisher
+    from telemetry.sql import SqlTelemetry
 
 
 @dataclass
@@ -27,6 +32,9 @@ class Resources:
     cache: ReportCache
     reports: ReportService
     listener: InvalidationListener | None
+    telemetry: Telemetry
+    publisher: StatsPublisher | None = None
+    sql_hooks: list[SqlTelemetry] = field(default_factory=list)
 
 
 def get_resources(request: Request) -> Resources:

@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from opentelemetry.instrumentation.redis import RedisInstrumentor
 from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service import __version__
 from service.cache import CircuitBreaker, ReportCache
@@ -17,8 +19,14 @@ from service.deps import Resources
 from service.errors import install_error_handlers
 from service.health import router as health_router
 from service.invalidation import InvalidationListener
+from service.performance import StatsPublisher
+from service.performance import router as performance_router
 from service.reports.endpoints import router as reports_router
 from service.reports.service import ReportService
+from telemetry.metrics import PoolGauges
+from telemetry.middleware import TelemetryMiddleware
+from telemetry.setup import Telemetry, configure
+from telemetry.sql import SqlTelemetry
 
 logger = logging.getLogger("service")
 
@@ -36,25 +44,50 @@ def _redis(settings: Settings) -> Redis | None:
     )
 
 
-async def start_resources(settings: Settings) -> Resources:
-    """Create engines, the Redis client, the cache and the invalidation listener."""
-    engine = async_engine(
-        settings.database_url,
+def _engine(settings: Settings, url: str) -> AsyncEngine:
+    return async_engine(
+        url,
         pool_size=settings.pool_size,
         max_overflow=settings.pool_max_overflow,
         pool_timeout=settings.pool_timeout,
         statement_timeout_ms=settings.statement_timeout_ms,
     )
+
+
+def _pool_gauges(name: str, engine: AsyncEngine, max_overflow: int) -> PoolGauges:
+    pool = engine.sync_engine.pool
+
+    def status() -> tuple[int, int, int]:
+        return (pool.checkedin(), pool.checkedout(),  # type: ignore[attr-defined]
+                pool.size() + max_overflow)  # type: ignore[attr-defined]
+
+    return PoolGauges(name=name, status=status)
+
+
+async def start_resources(settings: Settings, telemetry: Telemetry) -> Resources:
+    """Create engines, the Redis client, the cache and the invalidation listener."""
+    engine = _engine(settings, settings.database_url)
     read_engine = engine
     if settings.read_database_url and settings.read_database_url != settings.database_url:
-        read_engine = async_engine(
-            settings.read_database_url,
-            pool_size=settings.pool_size,
-            max_overflow=settings.pool_max_overflow,
-            pool_timeout=settings.pool_timeout,
-            statement_timeout_ms=settings.statement_timeout_ms,
+        read_engine = _engine(settings, settings.read_database_url)
+    engines = {"primary": engine} if read_engine is engine else {"primary": engine,
+                                                                 "read": read_engine}
+    sql_hooks = [
+        SqlTelemetry(
+            each.sync_engine,
+            tracer_provider=telemetry.tracer_provider,
+            instruments=telemetry.instruments,
+            stats=telemetry.stats,
+            slow_query_ms=settings.slow_query_ms,
         )
+        for each in engines.values()
+    ]
+    telemetry.instruments.pools[:] = [
+        _pool_gauges(name, each, settings.pool_max_overflow) for name, each in engines.items()
+    ]
     redis = _redis(settings)
+    if redis is not None and telemetry.enabled:
+        RedisInstrumentor.instrument_client(redis, tracer_provider=telemetry.tracer_provider)
     cache = ReportCache(
         redis,
         stale_grace=settings.cache_stale_grace,
@@ -63,28 +96,41 @@ async def start_resources(settings: Settings) -> Resources:
             threshold=settings.redis_breaker_threshold,
             cooldown=settings.redis_breaker_cooldown,
         ),
+        tracer=telemetry.tracer,
     )
     listener = None
+    publisher = None
     if redis is not None:
         listener = InvalidationListener(libpq_url(settings.database_url), cache)
         cache.listener_healthy = False  # until the listener has connected
         listener.start()
+        publisher = StatsPublisher(redis, telemetry)
+        publisher.start()
+    read_pool = telemetry.instruments.pools[-1]
     return Resources(
         settings=settings,
         engine=engine,
         read_engine=read_engine,
         cache=cache,
-        reports=ReportService(read_engine, cache, settings),
+        reports=ReportService(read_engine, cache, settings, pool=read_pool,
+                              stats=telemetry.stats),
         listener=listener,
+        telemetry=telemetry,
+        publisher=publisher,
+        sql_hooks=sql_hooks,
     )
 
 
 async def stop_resources(resources: Resources) -> None:
+    if resources.publisher is not None:
+        await resources.publisher.stop()
     if resources.listener is not None:
         await resources.listener.stop()
     await resources.cache.close()
     if resources.cache.redis is not None:
         await resources.cache.redis.aclose()
+    for hooks in resources.sql_hooks:
+        hooks.detach()
     if resources.read_engine is not resources.engine:
         await resources.read_engine.dispose()
     await resources.engine.dispose()
@@ -92,14 +138,22 @@ async def stop_resources(resources: Resources) -> None:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    app.state.resources = await start_resources(app.state.settings)
+    telemetry: Telemetry = app.state.telemetry
+    app.state.resources = await start_resources(app.state.settings, telemetry)
     try:
         yield
     finally:
         await stop_resources(app.state.resources)
+        telemetry.shutdown()  # flushes spans and metrics still queued for export
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, telemetry: Telemetry | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    telemetry = telemetry or configure(
+        version=__version__,
+        environment=settings.environment,
+        slow_query_ms=settings.slow_query_ms,
+    )
     app = FastAPI(
         title="salon-reports",
         version=__version__,
@@ -109,8 +163,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ),
         lifespan=_lifespan,
     )
-    app.state.settings = settings or get_settings()
+    app.state.settings = settings
+    app.state.telemetry = telemetry
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(reports_router)
+    app.include_router(performance_router)
+    app.add_middleware(
+        TelemetryMiddleware,
+        tracer=telemetry.tracer,
+        instruments=telemetry.instruments,
+        stats=telemetry.stats,
+    )
     return app

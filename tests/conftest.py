@@ -23,7 +23,12 @@ from service.auth import issue_token
 from service.config import Settings
 from service.db import libpq_url, migrate, with_database
 from service.deps import Resources
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
 from service.main import create_app, start_resources, stop_resources
+from telemetry.setup import Telemetry, configure
 
 TABLES = ("audit_events", "bookings", "services", "professionals", "users", "salons")
 
@@ -107,6 +112,7 @@ class Api:
     app: FastAPI
     http: httpx.AsyncClient
     settings: Settings
+    spans: InMemorySpanExporter
 
     @property
     def resources(self) -> Resources:
@@ -148,25 +154,34 @@ def app_settings(base: Settings, database_url: str, redis_url: str, **overrides:
 class RunningApi:
     """Start an app (lifespan included) and wait for its invalidation listener."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, telemetry: Telemetry | None = None) -> None:
         self.settings = settings
-        self.app = create_app(settings)
+        self.spans = InMemorySpanExporter()
+        if telemetry is None:
+            provider = TracerProvider()
+            provider.add_span_processor(SimpleSpanProcessor(self.spans))
+            telemetry = configure(version="test", environment="test",
+                                  slow_query_ms=settings.slow_query_ms,
+                                  tracer_provider=provider)
+        self.telemetry = telemetry
+        self.app = create_app(settings, telemetry)
         self.http: httpx.AsyncClient | None = None
 
     async def __aenter__(self) -> Api:
-        self.app.state.resources = await start_resources(self.settings)
+        self.app.state.resources = await start_resources(self.settings, self.telemetry)
         listener = self.app.state.resources.listener
         if listener is not None:
             await asyncio.wait_for(listener.connected.wait(), 10)
         self.http = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=self.app), base_url="http://testserver"
         )
-        return Api(self.app, self.http, self.settings)
+        return Api(self.app, self.http, self.settings, self.spans)
 
     async def __aexit__(self, *exc: object) -> None:
         assert self.http is not None
         await self.http.aclose()
         await stop_resources(self.app.state.resources)
+        self.telemetry.shutdown()
 
 
 @pytest.fixture

@@ -374,9 +374,10 @@ async def test_stale_entries_are_served_while_one_refresh_runs(
                                        for _ in range(20)])
         # served at once from the stale entry; once the refresh lands, as hits
         served = [r.headers["x-cache"] for r in stale]
-        assert served[0] == "STALE"
+        assert "STALE" in served
         assert set(served) <= {"STALE", "HIT"}
-        assert stale[0].headers["cache-control"] == "private, max-age=0"
+        assert {r.headers["cache-control"] for r in stale if r.headers["x-cache"] == "STALE"} == {
+            "private, max-age=0"}
 
         async def refreshed() -> bool:
             response = await api.report("dashboard", salon_id=salon)

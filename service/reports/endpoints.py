@@ -100,10 +100,12 @@ def authorise_report(principal: Principal, salon_id: int | None) -> None:
 
 
 async def _scope(
-    reports: ReportService, principal: Principal, salon_id: int | None
+    request: Request, reports: ReportService, principal: Principal, salon_id: int | None
 ) -> Scope:
     authorise_report(principal, salon_id)
-    return await reports.resolve_scope(salon_id)
+    scope = await reports.resolve_scope(salon_id)
+    request.state.salon_id = salon_id
+    return scope
 
 
 def report_response(request: Request, outcome: Outcome, started: float) -> Response:
@@ -145,7 +147,7 @@ async def dashboard(
     """Totals, rates, clients, top services and the daily series of a period."""
     started = time.perf_counter()
     request.state.report_name = "dashboard"
-    scope = await _scope(reports, principal, salon_id)
+    scope = await _scope(request, reports, principal, salon_id)
     period = parse_period(start, end, reports.today(scope))
     outcome = await reports.dashboard(principal, scope, period)
     return report_response(request, outcome, started)
@@ -167,7 +169,7 @@ async def bookings(
     """Bookings over time (day, week or month), by category and by local hour."""
     started = time.perf_counter()
     request.state.report_name = "bookings"
-    scope = await _scope(reports, principal, salon_id)
+    scope = await _scope(request, reports, principal, salon_id)
     period = parse_period(start, end, reports.today(scope))
     filters = BookingFilters(professional_id=professional_id, service_id=service_id,
                              status=status)
@@ -189,7 +191,7 @@ async def professionals(
     """Per-professional performance with client retention, keyset-paginated."""
     started = time.perf_counter()
     request.state.report_name = "professionals"
-    scope = await _scope(reports, principal, salon_id)
+    scope = await _scope(request, reports, principal, salon_id)
     period = parse_period(start, end, reports.today(scope))
     after_id = decode_cursor(cursor) if cursor is not None else None
     outcome = await reports.professionals(principal, scope, period, limit, after_id)
@@ -206,7 +208,7 @@ async def realtime(
     """Today's bookings by status and revenue so far (salon-local day); never cached."""
     started = time.perf_counter()
     request.state.report_name = "realtime"
-    scope = await _scope(reports, principal, salon_id)
+    scope = await _scope(request, reports, principal, salon_id)
     outcome = await reports.realtime(scope)
     return report_response(request, outcome, started)
 

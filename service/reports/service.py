@@ -42,6 +42,8 @@ from service.reports.schemas import (
     RealtimeReport,
     ReportMeta,
 )
+from telemetry.metrics import PoolGauges
+from telemetry.stats import StatsAggregator
 
 SALON_TIMEZONE_TTL = 60.0
 
@@ -68,21 +70,43 @@ def _serialise(model: BaseModel) -> bytes:
 
 
 class ReportService:
-    def __init__(self, engine: AsyncEngine, cache: ReportCache, settings: Settings) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        cache: ReportCache,
+        settings: Settings,
+        *,
+        pool: PoolGauges | None = None,
+        stats: StatsAggregator | None = None,
+    ) -> None:
         self.engine = engine
         self.cache = cache
         self.settings = settings
+        self.pool = pool or PoolGauges("read", lambda: (0, 0, 0))
+        self.stats = stats
         self._timezones: dict[int, tuple[str, float]] = {}
-        self.query_observer: Callable[[str], None] | None = None
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[AsyncConnection]:
         """A read connection; database failures become a 503 the client can retry."""
+        pool = self.pool
+        pool.waiting += 1
+        waiting = True
         try:
             async with self.engine.connect() as connection:
+                pool.waiting -= 1
+                waiting = False
                 yield connection
-        except (PoolTimeoutError, OperationalError, InterfaceError) as error:
+        except PoolTimeoutError as error:
+            pool.timeouts += 1
+            if self.stats is not None:
+                self.stats.record_pool_timeout()
             raise database_error(error) from error
+        except (OperationalError, InterfaceError) as error:
+            raise database_error(error) from error
+        finally:
+            if waiting:
+                pool.waiting -= 1
 
     async def resolve_scope(self, salon_id: int | None) -> Scope:
         """The scope of a request; 404 for a salon that does not exist."""

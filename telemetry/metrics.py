@@ -1,0 +1,152 @@
+"""Every metric instrument of the service (see telemetry/README.md for the full list).
+
+Emits: ``http.server.request.duration``, ``db.client.operation.duration``,
+``db.client.response.returned_rows``, ``db.client.connection.count`` / ``.max`` /
+``.pending_requests`` / ``.timeouts``, ``reports.cache.requests``, ``process.memory.usage``
+and ``reports.memory.limit``.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+from telemetry import attributes as attr
+
+DURATION_BUCKETS_SECONDS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+)
+ROW_BUCKETS = (0, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000, 10000)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatus:
+    size: int  # connections currently open
+    in_use: int
+    max: int
+    waiting: int
+    timeouts: int
+
+
+@dataclass
+class PoolGauges:
+    """Live figures of one connection pool, read when metrics are collected."""
+
+    name: str
+    status: Callable[[], tuple[int, int, int]]  # (checked in, checked out, max)
+    waiting: int = 0
+    timeouts: int = 0
+
+    def read(self) -> PoolStatus:
+        idle, used, maximum = self.status()
+        return PoolStatus(idle + used, used, maximum, self.waiting, self.timeouts)
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            pages = int(statm.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_limit_bytes() -> int:
+    """The cgroup memory limit where there is one, else physical memory."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < physical:
+            return int(text)
+    return physical
+
+
+@dataclass
+class Instruments:
+    """The instruments, created once per meter provider."""
+
+    meter: Meter
+    pools: list[PoolGauges] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        meter = self.meter
+        self.request_duration = meter.create_histogram(
+            "http.server.request.duration", unit="s",
+            description="Duration of HTTP server requests.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_SECONDS,
+        )
+        self.db_duration = meter.create_histogram(
+            "db.client.operation.duration", unit="s",
+            description="Duration of database statements, by query name.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_SECONDS,
+        )
+        self.db_rows = meter.create_histogram(
+            "db.client.response.returned_rows", unit="{row}",
+            description="Rows returned by database statements, by query name.",
+            explicit_bucket_boundaries_advisory=ROW_BUCKETS,
+        )
+        self.cache_requests = meter.create_counter(
+            "reports.cache.requests", unit="{request}",
+            description="Report cache lookups by report and result.",
+        )
+        meter.create_observable_up_down_counter(
+            "db.client.connection.count", callbacks=[self._connection_count],
+            unit="{connection}", description="Open connections by state.",
+        )
+        meter.create_observable_up_down_counter(
+            "db.client.connection.max", callbacks=[self._connection_max],
+            unit="{connection}", description="The most connections the pool may open.",
+        )
+        meter.create_observable_up_down_counter(
+            "db.client.connection.pending_requests", callbacks=[self._pending],
+            unit="{request}", description="Requests waiting for a connection.",
+        )
+        meter.create_observable_counter(
+            "db.client.connection.timeouts", callbacks=[self._timeouts],
+            unit="{timeout}", description="Connection requests that timed out waiting.",
+        )
+        meter.create_observable_gauge(
+            "process.memory.usage", callbacks=[self._memory], unit="By",
+            description="Resident memory of this process.",
+        )
+        meter.create_observable_gauge(
+            "reports.memory.limit", callbacks=[self._memory_limit], unit="By",
+            description="Memory available to the process (cgroup limit, else physical).",
+        )
+
+    def _connection_count(self, _: CallbackOptions) -> Iterable[Observation]:
+        for pool in self.pools:
+            status = pool.read()
+            name = {attr.DB_CLIENT_CONNECTION_POOL_NAME: pool.name}
+            yield Observation(status.size - status.in_use,
+                              {**name, attr.DB_CLIENT_CONNECTION_STATE: "idle"})
+            yield Observation(status.in_use, {**name, attr.DB_CLIENT_CONNECTION_STATE: "used"})
+
+    def _connection_max(self, _: CallbackOptions) -> Iterable[Observation]:
+        for pool in self.pools:
+            yield Observation(pool.read().max, {attr.DB_CLIENT_CONNECTION_POOL_NAME: pool.name})
+
+    def _pending(self, _: CallbackOptions) -> Iterable[Observation]:
+        for pool in self.pools:
+            yield Observation(pool.waiting, {attr.DB_CLIENT_CONNECTION_POOL_NAME: pool.name})
+
+    def _timeouts(self, _: CallbackOptions) -> Iterable[Observation]:
+        for pool in self.pools:
+            yield Observation(pool.timeouts, {attr.DB_CLIENT_CONNECTION_POOL_NAME: pool.name})
+
+    @staticmethod
+    def _memory(_: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(rss_bytes())
+
+    @staticmethod
+    def _memory_limit(_: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(memory_limit_bytes())

@@ -1,0 +1,124 @@
+"""SQL statement telemetry: a span per statement, its duration and rows, slow-query reports.
+
+Spans come from ``opentelemetry-instrumentation-sqlalchemy`` (its ``EngineTracer``, attached
+per engine so that several apps in one process each keep their own tracer provider). Our
+hooks, which run before its span ends, rename the span after the query (the
+``query_name`` execution option, e.g. ``report.dashboard``) and add
+``db.query.summary`` and ``db.response.returned_rows``. They also record
+``db.client.operation.duration`` and ``db.client.response.returned_rows``, feed the stats
+aggregator (every statement, sampled or not), and for a statement slower than the threshold
+write one structured JSON log line with the trace and span ids and add a ``slow_query`` span
+event. The statement text recorded has placeholders only; parameter values never leave.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
+from opentelemetry.metrics import NoOpMeterProvider
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from telemetry import attributes as attr
+from telemetry.context import current_request
+from telemetry.metrics import Instruments
+from telemetry.stats import StatsAggregator
+
+logger = logging.getLogger("salon_reports.slow_query")
+
+UNNAMED_QUERY = "sql.other"
+
+
+class SqlTelemetry:
+    """Attach to one (sync) engine; ``detach()`` removes our hooks."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        tracer_provider: trace.TracerProvider,
+        instruments: Instruments,
+        stats: StatsAggregator,
+        slow_query_ms: float,
+    ) -> None:
+        self.engine = engine
+        self.instruments = instruments
+        self.stats = stats
+        self.slow_query_ms = slow_query_ms
+        unused = NoOpMeterProvider().get_meter("unused").create_up_down_counter("unused")
+        self._tracer = EngineTracer(
+            tracer_provider.get_tracer("opentelemetry.instrumentation.sqlalchemy"),
+            engine,
+            unused,
+        )
+        event.listen(engine, "before_cursor_execute", self._before)
+        # insert=True: run before the instrumentation's own hook ends the span
+        event.listen(engine, "after_cursor_execute", self._after, insert=True)
+
+    def detach(self) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._before)
+        event.remove(self.engine, "after_cursor_execute", self._after)
+
+    @staticmethod
+    def _before(_conn: Any, _cursor: Any, _statement: str, _params: Any, context: Any,
+                _many: bool) -> None:
+        context._reports_started = time.perf_counter()
+
+    def _after(self, _conn: Any, cursor: Any, statement: str, _params: Any, context: Any,
+               _many: bool) -> None:
+        started = getattr(context, "_reports_started", None)
+        if started is None:
+            return
+        seconds = time.perf_counter() - started
+        name = str(context.execution_options.get("query_name") or UNNAMED_QUERY)
+        rows = cursor.rowcount if isinstance(cursor.rowcount, int) else -1
+        labels = {attr.DB_SYSTEM_NAME: attr.POSTGRESQL, attr.DB_QUERY_SUMMARY: name}
+        self.instruments.db_duration.record(seconds, labels)
+        if rows >= 0:
+            self.instruments.db_rows.record(rows, labels)
+
+        span = getattr(context, "_otel_span", None)
+        span_context = span.get_span_context() if span is not None else None
+        request = current_request.get()
+        trace_id = None
+        if span_context is not None and span_context.is_valid:
+            trace_id = format(span_context.trace_id, "032x")
+        elif request is not None:
+            trace_id = request.trace_id
+        if span is not None and span.is_recording():
+            span.update_name(name)
+            span.set_attribute(attr.DB_QUERY_SUMMARY, name)
+            if rows >= 0:
+                span.set_attribute(attr.DB_RESPONSE_RETURNED_ROWS, rows)
+
+        route = request.route if request is not None else None
+        milliseconds = seconds * 1000
+        self.stats.record_query(name, milliseconds, rows, trace_id, route)
+        if request is not None:
+            request.queries.add(statement)
+        if milliseconds >= self.slow_query_ms:
+            self._report_slow(name, milliseconds, rows, trace_id, span_context, route, span)
+
+    def _report_slow(self, name: str, milliseconds: float, rows: int, trace_id: str | None,
+                     span_context: Any, route: str | None, span: Any) -> None:
+        span_id = None
+        if span_context is not None and span_context.is_valid:
+            span_id = format(span_context.span_id, "016x")
+        logger.warning(json.dumps({
+            "event": "slow_query",
+            "query": name,
+            "duration_ms": round(milliseconds, 1),
+            "threshold_ms": self.slow_query_ms,
+            "rows": rows,
+            "route": route,
+            "trace_id": trace_id,
+            "span_id": span_id,
+        }))
+        if span is not None and span.is_recording():
+            span.add_event("slow_query", {"duration_ms": milliseconds,
+                                          "threshold_ms": self.slow_query_ms})
