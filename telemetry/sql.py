@@ -19,7 +19,11 @@ import time
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
+from opentelemetry.instrumentation.sqlalchemy.engine import (
+    EngineTracer,
+    _after_cur_exec,
+    _handle_error,
+)
 from opentelemetry.metrics import NoOpMeterProvider
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -50,19 +54,31 @@ class SqlTelemetry:
         self.instruments = instruments
         self.stats = stats
         self.slow_query_ms = slow_query_ms
+        # Listen before the instrumentation does: listeners run in registration order, and
+        # ours must see the statement's span before the instrumentation's hook ends it.
+        event.listen(engine, "before_cursor_execute", self._before)
+        event.listen(engine, "after_cursor_execute", self._after)
         unused = NoOpMeterProvider().get_meter("unused").create_up_down_counter("unused")
         self._tracer = EngineTracer(
             tracer_provider.get_tracer("opentelemetry.instrumentation.sqlalchemy"),
             engine,
             unused,
         )
-        event.listen(engine, "before_cursor_execute", self._before)
-        # insert=True: run before the instrumentation's own hook ends the span
-        event.listen(engine, "after_cursor_execute", self._after, insert=True)
 
     def detach(self) -> None:
         event.remove(self.engine, "before_cursor_execute", self._before)
         event.remove(self.engine, "after_cursor_execute", self._after)
+        for identifier, listener in (
+            ("before_cursor_execute", self._tracer._before_cur_exec),
+            ("after_cursor_execute", _after_cur_exec),
+            ("handle_error", _handle_error),
+            ("connect", self._tracer._pool_connect),
+            ("close", self._tracer._pool_close),
+            ("checkin", self._tracer._pool_checkin),
+            ("checkout", self._tracer._pool_checkout),
+        ):
+            if event.contains(self.engine, identifier, listener):
+                event.remove(self.engine, identifier, listener)
 
     @staticmethod
     def _before(_conn: Any, _cursor: Any, _statement: str, _params: Any, context: Any,

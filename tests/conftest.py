@@ -173,7 +173,7 @@ class RunningApi:
         if listener is not None:
             await asyncio.wait_for(listener.connected.wait(), 10)
         self.http = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=self.app), base_url="http://testserver"
+            transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False), base_url="http://testserver"
         )
         return Api(self.app, self.http, self.settings, self.spans)
 
