@@ -30,6 +30,7 @@ cache and are answered from PostgreSQL (``BYPASS``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -321,8 +322,9 @@ class ReportCache:
         with self.tracer.start_as_current_span("report.compute"):
             body = await compute()
         compute_ms = (time.perf_counter() - started) * 1000
-        return Outcome(CacheEntry.of(body, ttl, self.clock()), CacheResult.MISS,
-                       compute_ms=compute_ms)
+        return Outcome(
+            CacheEntry.of(body, ttl, self.clock()), CacheResult.MISS, compute_ms=compute_ms
+        )
 
     async def _fill(self, key: CacheKey, ttl: float, compute: Compute) -> Outcome:
         """Miss: take the cross-process lock and compute, or wait for whoever holds it."""
@@ -389,7 +391,8 @@ class ReportCache:
     async def _put(
         self, key: CacheKey, entry: CacheEntry, ttl: float, epoch: str, token: str | None
     ) -> None:
-        assert self._store is not None and self._release is not None
+        assert self._store is not None
+        assert self._release is not None
         lifetime_ms = int((ttl + self.stale_grace) * 1000)
         with self.tracer.start_as_current_span(
             "cache.set", attributes={attr.REPORT_NAME: key.report, attr.CACHE_OPERATION: "set"}
@@ -399,7 +402,8 @@ class ReportCache:
     async def _store_entry(
         self, key: CacheKey, entry: CacheEntry, lifetime_ms: int, epoch: str, token: str | None
     ) -> None:
-        assert self._store is not None and self._release is not None
+        assert self._store is not None
+        assert self._release is not None
         try:
             stored = await self._call(
                 self._store(
@@ -416,10 +420,8 @@ class ReportCache:
 
     async def _unlock(self, key: CacheKey, token: str) -> None:
         assert self._release is not None
-        try:
+        with contextlib.suppress(TimeoutError, RedisError, OSError):  # the lease expires anyway
             await self._call(self._release(keys=[key.lock_key], args=[token]))
-        except (TimeoutError, RedisError, OSError):
-            pass  # the lease expires by itself
 
     def _refresh_in_background(self, key: CacheKey, ttl: float, compute: Compute) -> None:
         if key.key in self._refreshing:
@@ -441,8 +443,9 @@ class ReportCache:
                     raise
                 await self._put(key, outcome.entry, ttl, epoch, token)
             except Exception:
-                logger.warning("background refresh of a %s report failed", key.report,
-                               exc_info=True)
+                logger.warning(
+                    "background refresh of a %s report failed", key.report, exc_info=True
+                )
             finally:
                 self._refreshing.discard(key.key)
 
@@ -458,9 +461,7 @@ class ReportCache:
             return 0
         reports = REPORTS if report is None else (report,)
         probe = CacheKey(reports[0], scope_tag(salon_id), "")
-        keys = [probe.epoch_key] + [
-            CacheKey(name, probe.tag, "").tracked_key for name in reports
-        ]
+        keys = [probe.epoch_key] + [CacheKey(name, probe.tag, "").tracked_key for name in reports]
         deleted = await self._call(self._invalidate(keys=keys))
         return int(deleted)
 
@@ -472,8 +473,9 @@ class ReportCache:
         deleted += await self.invalidate(None)
         return deleted
 
-    async def clear(self, report: str | None = None, salon_id: int | None = None,
-                    *, everything: bool = False) -> int:
+    async def clear(
+        self, report: str | None = None, salon_id: int | None = None, *, everything: bool = False
+    ) -> int:
         """The admin clear: by report and/or salon, or everything the service owns."""
         if self.redis is None:
             return 0
@@ -498,8 +500,10 @@ class ReportCache:
             if text.endswith(":epoch"):
                 await redis.incr(name)
                 continue
-            if report is not None and f":{report}:" not in text and not text.endswith(
-                f":keys:{report}"
+            if (
+                report is not None
+                and f":{report}:" not in text
+                and not text.endswith(f":keys:{report}")
             ):
                 continue
             batch.append(name)

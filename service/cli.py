@@ -53,7 +53,9 @@ def migrate(
 def seed(
     bookings: Annotated[int, typer.Option(min=0, help="Bookings to generate.")] = 100_000,
     salons: Annotated[int, typer.Option(min=1, help="Salons to generate.")] = 20,
-    days: Annotated[int, typer.Option(min=1, help="Days of history, ending a week from today.")] = 400,
+    days: Annotated[
+        int, typer.Option(min=1, help="Days of history, ending a week from today.")
+    ] = 400,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same data.")] = 42,
     if_empty: Annotated[bool, typer.Option(help="Do nothing when bookings exist.")] = False,
 ) -> None:
@@ -75,7 +77,9 @@ def seed(
 @app.command()
 def token(
     role: Annotated[str, typer.Option(help="admin, ops or owner.")],
-    salon: Annotated[list[int] | None, typer.Option("--salon", help="Salon id (owners; repeat).")] = None,
+    salon: Annotated[
+        list[int] | None, typer.Option("--salon", help="Salon id (owners; repeat).")
+    ] = None,
     ttl: Annotated[int, typer.Option(min=1, help="Lifetime in seconds.")] = 3600,
     subject: Annotated[str | None, typer.Option(help="The `sub` claim.")] = None,
 ) -> None:

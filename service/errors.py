@@ -78,13 +78,14 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(error, StarletteHTTPException)
         codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
         code = codes.get(error.status_code, "http_error")
-        return error_response(error.status_code, code, str(error.detail), error.headers)
+        return error_response(error.status_code, code, str(error.detail), dict(error.headers or {}))
 
     async def on_database_error(_: Request, error: Exception) -> Response:
         logger.warning("database unavailable: %s", type(error).__name__)
         api_error = database_error(error)
-        return error_response(api_error.status_code, api_error.code, api_error.message,
-                              api_error.headers)
+        return error_response(
+            api_error.status_code, api_error.code, api_error.message, api_error.headers
+        )
 
     async def on_unexpected(_: Request, error: Exception) -> Response:
         logger.exception("unhandled error", exc_info=error)

@@ -31,8 +31,9 @@ async def readyz(resources: ResourcesDep) -> dict[str, Any] | Response:
             async with resources.engine.connect() as connection:
                 await connection.execute(text("SELECT 1"))
     except Exception:
-        return error_response(503, "database_unavailable", "PostgreSQL is not reachable",
-                              {"Retry-After": "2"})
+        return error_response(
+            503, "database_unavailable", "PostgreSQL is not reachable", {"Retry-After": "2"}
+        )
     cache = resources.cache
     redis_state = "disabled"
     if cache.redis is not None:

@@ -103,8 +103,9 @@ class InvalidationListener:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                logger.warning("invalidation listener lost its connection: %s",
-                               type(error).__name__)
+                logger.warning(
+                    "invalidation listener lost its connection: %s", type(error).__name__
+                )
             self.cache.listener_healthy = False
             self.connected.clear()
             self._connection = None

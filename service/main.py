@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import QueuePool
 
 from service import __version__
 from service.cache import CircuitBreaker, ReportCache
@@ -56,10 +57,10 @@ def _engine(settings: Settings, url: str) -> AsyncEngine:
 
 def _pool_gauges(name: str, engine: AsyncEngine, max_overflow: int) -> PoolGauges:
     pool = engine.sync_engine.pool
+    assert isinstance(pool, QueuePool)
 
     def status() -> tuple[int, int, int]:
-        return (pool.checkedin(), pool.checkedout(),  # type: ignore[attr-defined]
-                pool.size() + max_overflow)  # type: ignore[attr-defined]
+        return pool.checkedin(), pool.checkedout(), pool.size() + max_overflow
 
     return PoolGauges(name=name, status=status)
 
@@ -70,8 +71,9 @@ async def start_resources(settings: Settings, telemetry: Telemetry) -> Resources
     read_engine = engine
     if settings.read_database_url and settings.read_database_url != settings.database_url:
         read_engine = _engine(settings, settings.read_database_url)
-    engines = {"primary": engine} if read_engine is engine else {"primary": engine,
-                                                                 "read": read_engine}
+    engines = (
+        {"primary": engine} if read_engine is engine else {"primary": engine, "read": read_engine}
+    )
     sql_hooks = [
         SqlTelemetry(
             each.sync_engine,
@@ -112,8 +114,7 @@ async def start_resources(settings: Settings, telemetry: Telemetry) -> Resources
         engine=engine,
         read_engine=read_engine,
         cache=cache,
-        reports=ReportService(read_engine, cache, settings, pool=read_pool,
-                              stats=telemetry.stats),
+        reports=ReportService(read_engine, cache, settings, pool=read_pool, stats=telemetry.stats),
         listener=listener,
         telemetry=telemetry,
         publisher=publisher,

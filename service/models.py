@@ -91,7 +91,13 @@ class Booking(Base):
             "idx_bookings_salon_scheduled_covering",
             "salon_id",
             "scheduled_at",
-            postgresql_include=["status", "price_cents", "client_id", "service_id", "professional_id"],
+            postgresql_include=[
+                "status",
+                "price_cents",
+                "client_id",
+                "service_id",
+                "professional_id",
+            ],
         ),
         # "Has this client booked at this salon before the period?" (new vs returning clients).
         Index("idx_bookings_salon_client_scheduled", "salon_id", "client_id", "scheduled_at"),

@@ -85,7 +85,7 @@ async def other_workers(redis: Redis, instance_id: str) -> list[dict[str, Any]]:
     snapshots = []
     stale = []
     for field, raw in entries.items():
-        name = field.decode()
+        name = field.decode() if isinstance(field, bytes) else str(field)
         if name == instance_id:
             continue
         try:
@@ -120,12 +120,12 @@ async def performance_stats(_: OperatorDep, resources: ResourcesDep) -> Response
             partial = True
     stats: StatsAggregator = telemetry.stats
     body = render(merge_snapshots(snapshots, partial=partial), stats.thresholds)
-    return Response(orjson.dumps(body), media_type="application/json",
-                    headers={"Cache-Control": "no-store"})
+    return Response(
+        orjson.dumps(body), media_type="application/json", headers={"Cache-Control": "no-store"}
+    )
 
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(resources: ResourcesDep) -> Response:
     """Prometheus exposition of this worker's OpenTelemetry metrics."""
-    return Response(generate_latest(resources.telemetry.registry),
-                    media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(resources.telemetry.registry), media_type=CONTENT_TYPE_LATEST)

@@ -19,7 +19,20 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from telemetry import attributes as attr
 
 DURATION_BUCKETS_SECONDS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 ROW_BUCKETS = (0, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000, 10000)
 
@@ -80,46 +93,62 @@ class Instruments:
     def __post_init__(self) -> None:
         meter = self.meter
         self.request_duration = meter.create_histogram(
-            "http.server.request.duration", unit="s",
+            "http.server.request.duration",
+            unit="s",
             description="Duration of HTTP server requests.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS_SECONDS,
         )
         self.db_duration = meter.create_histogram(
-            "db.client.operation.duration", unit="s",
+            "db.client.operation.duration",
+            unit="s",
             description="Duration of database statements, by query name.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS_SECONDS,
         )
         self.db_rows = meter.create_histogram(
-            "db.client.response.returned_rows", unit="{row}",
+            "db.client.response.returned_rows",
+            unit="{row}",
             description="Rows returned by database statements, by query name.",
             explicit_bucket_boundaries_advisory=ROW_BUCKETS,
         )
         self.cache_requests = meter.create_counter(
-            "reports.cache.requests", unit="{request}",
+            "reports.cache.requests",
+            unit="{request}",
             description="Report cache lookups by report and result.",
         )
         meter.create_observable_up_down_counter(
-            "db.client.connection.count", callbacks=[self._connection_count],
-            unit="{connection}", description="Open connections by state.",
+            "db.client.connection.count",
+            callbacks=[self._connection_count],
+            unit="{connection}",
+            description="Open connections by state.",
         )
         meter.create_observable_up_down_counter(
-            "db.client.connection.max", callbacks=[self._connection_max],
-            unit="{connection}", description="The most connections the pool may open.",
+            "db.client.connection.max",
+            callbacks=[self._connection_max],
+            unit="{connection}",
+            description="The most connections the pool may open.",
         )
         meter.create_observable_up_down_counter(
-            "db.client.connection.pending_requests", callbacks=[self._pending],
-            unit="{request}", description="Requests waiting for a connection.",
+            "db.client.connection.pending_requests",
+            callbacks=[self._pending],
+            unit="{request}",
+            description="Requests waiting for a connection.",
         )
         meter.create_observable_counter(
-            "db.client.connection.timeouts", callbacks=[self._timeouts],
-            unit="{timeout}", description="Connection requests that timed out waiting.",
+            "db.client.connection.timeouts",
+            callbacks=[self._timeouts],
+            unit="{timeout}",
+            description="Connection requests that timed out waiting.",
         )
         meter.create_observable_gauge(
-            "process.memory.usage", callbacks=[self._memory], unit="By",
+            "process.memory.usage",
+            callbacks=[self._memory],
+            unit="By",
             description="Resident memory of this process.",
         )
         meter.create_observable_gauge(
-            "reports.memory.limit", callbacks=[self._memory_limit], unit="By",
+            "reports.memory.limit",
+            callbacks=[self._memory_limit],
+            unit="By",
             description="Memory available to the process (cgroup limit, else physical).",
         )
 
@@ -127,8 +156,9 @@ class Instruments:
         for pool in self.pools:
             status = pool.read()
             name = {attr.DB_CLIENT_CONNECTION_POOL_NAME: pool.name}
-            yield Observation(status.size - status.in_use,
-                              {**name, attr.DB_CLIENT_CONNECTION_STATE: "idle"})
+            yield Observation(
+                status.size - status.in_use, {**name, attr.DB_CLIENT_CONNECTION_STATE: "idle"}
+            )
             yield Observation(status.in_use, {**name, attr.DB_CLIENT_CONNECTION_STATE: "used"})
 
     def _connection_max(self, _: CallbackOptions) -> Iterable[Observation]:

@@ -115,8 +115,10 @@ class TelemetryMiddleware:
             if message["type"] == "http.response.start":
                 status_code = message["status"]
                 if trace_header is not None:
-                    message["headers"] = [*message.get("headers", ()),
-                                          (b"x-trace-id", trace_header)]
+                    message["headers"] = [
+                        *message.get("headers", ()),
+                        (b"x-trace-id", trace_header),
+                    ]
             await send(message)
 
         try:
@@ -132,24 +134,37 @@ class TelemetryMiddleware:
             current_request.reset(token)
             self._finish(span, scope, method, status_code, started, request)
 
-    def _finish(self, span: trace.Span, scope: Scope, method: str, status_code: int,
-                started: float, request: RequestContext) -> None:
+    def _finish(
+        self,
+        span: trace.Span,
+        scope: Scope,
+        method: str,
+        status_code: int,
+        started: float,
+        request: RequestContext,
+    ) -> None:
         route = request.route or UNMATCHED_ROUTE
         seconds = time.perf_counter() - started
-        self.instruments.request_duration.record(seconds, {
-            attr.HTTP_REQUEST_METHOD: method,
-            attr.HTTP_ROUTE: route,
-            attr.HTTP_RESPONSE_STATUS_CODE: status_code,
-        })
+        self.instruments.request_duration.record(
+            seconds,
+            {
+                attr.HTTP_REQUEST_METHOD: method,
+                attr.HTTP_ROUTE: route,
+                attr.HTTP_RESPONSE_STATUS_CODE: status_code,
+            },
+        )
         self.stats.record_request(f"{method} {route}", status_code, seconds * 1000)
         state = scope.get("state") or {}
         cache_result = state.get("cache_result")
         if cache_result is not None:
             self.stats.record_cache(state.get("report_name", "unknown"), str(cache_result))
-            self.instruments.cache_requests.add(1, {
-                attr.REPORT_NAME: state.get("report_name", "unknown"),
-                attr.CACHE_RESULT: str(cache_result),
-            })
+            self.instruments.cache_requests.add(
+                1,
+                {
+                    attr.REPORT_NAME: state.get("report_name", "unknown"),
+                    attr.CACHE_RESULT: str(cache_result),
+                },
+            )
         self._check_n_plus_one(request, f"{method} {route}")
         if span.is_recording():
             span.update_name(f"{method} {route}")
@@ -174,7 +189,14 @@ class TelemetryMiddleware:
         for statement, count in request.queries.detections(N_PLUS_ONE_THRESHOLD).items():
             fingerprint = statement_fingerprint(statement)
             self.stats.record_n_plus_one(route, fingerprint, count, request.trace_id)
-            logger.warning(json.dumps({
-                "event": "n_plus_one", "route": route, "statement": fingerprint,
-                "count": count, "trace_id": request.trace_id,
-            }))
+            logger.warning(
+                json.dumps(
+                    {
+                        "event": "n_plus_one",
+                        "route": route,
+                        "statement": fingerprint,
+                        "count": count,
+                        "trace_id": request.trace_id,
+                    }
+                )
+            )

@@ -46,8 +46,9 @@ def sdk_disabled(env: Mapping[str, str]) -> bool:
 
 
 def _has_endpoint(env: Mapping[str, str], signal: str) -> bool:
-    return bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or
-                env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"))
+    return bool(
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+    )
 
 
 def build_resource(version: str, environment: str, instance_id: str) -> Resource:
@@ -119,9 +120,11 @@ def configure(
     owned.append(meter_provider)
 
     instruments = Instruments(meter_provider.get_meter(SCOPE))
-    stats = StatsAggregator(slow_query_ms=slow_query_ms,
-                            thresholds=Thresholds(query_p95_ms=slow_query_ms),
-                            worker_id=instance_id)
+    stats = StatsAggregator(
+        slow_query_ms=slow_query_ms,
+        thresholds=Thresholds(query_p95_ms=slow_query_ms),
+        worker_id=instance_id,
+    )
     return Telemetry(
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,

@@ -59,7 +59,7 @@ class SqlTelemetry:
         event.listen(engine, "before_cursor_execute", self._before)
         event.listen(engine, "after_cursor_execute", self._after)
         unused = NoOpMeterProvider().get_meter("unused").create_up_down_counter("unused")
-        self._tracer = EngineTracer(
+        self._tracer = EngineTracer(  # type: ignore[no-untyped-call]
             tracer_provider.get_tracer("opentelemetry.instrumentation.sqlalchemy"),
             engine,
             unused,
@@ -81,12 +81,14 @@ class SqlTelemetry:
                 event.remove(self.engine, identifier, listener)
 
     @staticmethod
-    def _before(_conn: Any, _cursor: Any, _statement: str, _params: Any, context: Any,
-                _many: bool) -> None:
+    def _before(
+        _conn: Any, _cursor: Any, _statement: str, _params: Any, context: Any, _many: bool
+    ) -> None:
         context._reports_started = time.perf_counter()
 
-    def _after(self, _conn: Any, cursor: Any, statement: str, _params: Any, context: Any,
-               _many: bool) -> None:
+    def _after(
+        self, _conn: Any, cursor: Any, statement: str, _params: Any, context: Any, _many: bool
+    ) -> None:
         started = getattr(context, "_reports_started", None)
         if started is None:
             return
@@ -120,21 +122,34 @@ class SqlTelemetry:
         if milliseconds >= self.slow_query_ms:
             self._report_slow(name, milliseconds, rows, trace_id, span_context, route, span)
 
-    def _report_slow(self, name: str, milliseconds: float, rows: int, trace_id: str | None,
-                     span_context: Any, route: str | None, span: Any) -> None:
+    def _report_slow(
+        self,
+        name: str,
+        milliseconds: float,
+        rows: int,
+        trace_id: str | None,
+        span_context: Any,
+        route: str | None,
+        span: Any,
+    ) -> None:
         span_id = None
         if span_context is not None and span_context.is_valid:
             span_id = format(span_context.span_id, "016x")
-        logger.warning(json.dumps({
-            "event": "slow_query",
-            "query": name,
-            "duration_ms": round(milliseconds, 1),
-            "threshold_ms": self.slow_query_ms,
-            "rows": rows,
-            "route": route,
-            "trace_id": trace_id,
-            "span_id": span_id,
-        }))
+        logger.warning(
+            json.dumps(
+                {
+                    "event": "slow_query",
+                    "query": name,
+                    "duration_ms": round(milliseconds, 1),
+                    "threshold_ms": self.slow_query_ms,
+                    "rows": rows,
+                    "route": route,
+                    "trace_id": trace_id,
+                    "span_id": span_id,
+                }
+            )
+        )
         if span is not None and span.is_recording():
-            span.add_event("slow_query", {"duration_ms": milliseconds,
-                                          "threshold_ms": self.slow_query_ms})
+            span.add_event(
+                "slow_query", {"duration_ms": milliseconds, "threshold_ms": self.slow_query_ms}
+            )

@@ -18,15 +18,14 @@ import psycopg
 import pytest
 import redis
 from fastapi import FastAPI
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from service.auth import issue_token
 from service.config import Settings
 from service.db import libpq_url, migrate, with_database
 from service.deps import Resources
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
 from service.main import create_app, start_resources, stop_resources
 from telemetry.setup import Telemetry, configure
 
@@ -160,9 +159,12 @@ class RunningApi:
         if telemetry is None:
             provider = TracerProvider()
             provider.add_span_processor(SimpleSpanProcessor(self.spans))
-            telemetry = configure(version="test", environment="test",
-                                  slow_query_ms=settings.slow_query_ms,
-                                  tracer_provider=provider)
+            telemetry = configure(
+                version="test",
+                environment="test",
+                slow_query_ms=settings.slow_query_ms,
+                tracer_provider=provider,
+            )
         self.telemetry = telemetry
         self.app = create_app(settings, telemetry)
         self.http: httpx.AsyncClient | None = None
@@ -173,7 +175,8 @@ class RunningApi:
         if listener is not None:
             await asyncio.wait_for(listener.connected.wait(), 10)
         self.http = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False), base_url="http://testserver"
+            transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False),
+            base_url="http://testserver",
         )
         return Api(self.app, self.http, self.settings, self.spans)
 

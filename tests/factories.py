@@ -69,8 +69,17 @@ def add_booking(
         "  CASE WHEN %s = 'completed' THEN %s::timestamptz END,"
         "  CASE WHEN %s = 'cancelled' THEN %s::timestamptz END) RETURNING id",
         (
-            salon_id, client_id, professional_id, service_id, scheduled_at, status, price_cents,
-            status, scheduled_at, status, scheduled_at,
+            salon_id,
+            client_id,
+            professional_id,
+            service_id,
+            scheduled_at,
+            status,
+            price_cents,
+            status,
+            scheduled_at,
+            status,
+            scheduled_at,
         ),
     ).fetchone()
     assert row is not None
@@ -90,14 +99,40 @@ def small_dataset(db: psycopg.Connection) -> dict[str, int]:
     cut = add_service(db, lisbon, "Cut", "hair", 3000)
     nails = add_service(db, newyork, "Manicure", "nails", 2500)
     now = datetime.now(UTC).replace(microsecond=0)
-    for days_ago, client, status in [(2, alice, "completed"), (3, bob, "completed"),
-                                     (5, alice, "cancelled"), (8, alice, "completed")]:
-        add_booking(db, salon_id=lisbon, client_id=client, professional_id=pro_l,
-                    service_id=cut, scheduled_at=now - timedelta(days=days_ago),
-                    status=status, price_cents=3000)
+    for days_ago, client, status in [
+        (2, alice, "completed"),
+        (3, bob, "completed"),
+        (5, alice, "cancelled"),
+        (8, alice, "completed"),
+    ]:
+        add_booking(
+            db,
+            salon_id=lisbon,
+            client_id=client,
+            professional_id=pro_l,
+            service_id=cut,
+            scheduled_at=now - timedelta(days=days_ago),
+            status=status,
+            price_cents=3000,
+        )
     for days_ago, status in [(1, "completed"), (4, "no_show")]:
-        add_booking(db, salon_id=newyork, client_id=bob, professional_id=pro_n,
-                    service_id=nails, scheduled_at=now - timedelta(days=days_ago),
-                    status=status, price_cents=2500)
-    return {"lisbon": lisbon, "newyork": newyork, "alice": alice, "bob": bob,
-            "pro_lisbon": pro_l, "pro_newyork": pro_n, "cut": cut, "nails": nails}
+        add_booking(
+            db,
+            salon_id=newyork,
+            client_id=bob,
+            professional_id=pro_n,
+            service_id=nails,
+            scheduled_at=now - timedelta(days=days_ago),
+            status=status,
+            price_cents=2500,
+        )
+    return {
+        "lisbon": lisbon,
+        "newyork": newyork,
+        "alice": alice,
+        "bob": bob,
+        "pro_lisbon": pro_l,
+        "pro_newyork": pro_n,
+        "cut": cut,
+        "nails": nails,
+    }

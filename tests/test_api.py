@@ -84,24 +84,38 @@ async def test_missing_token_is_401(api: Api, data: dict[str, int]) -> None:
 @pytest.mark.parametrize(
     "make_token",
     [
-        pytest.param(lambda secret: _forge({"sub": "x", "role": "admin",
-                                             "exp": int(time.time()) + 60}, "wrong-key" * 5),
-                     id="bad-signature"),
-        pytest.param(lambda secret: _forge({"sub": "x", "role": "admin",
-                                             "exp": int(time.time()) - 5}, secret),
-                     id="expired"),
-        pytest.param(lambda secret: jwt.encode({"sub": "x", "role": "admin",
-                                                "exp": int(time.time()) + 60}, None,
-                                               algorithm="none"),
-                     id="alg-none"),
-        pytest.param(lambda secret: _forge({"sub": "x", "role": "root",
-                                             "exp": int(time.time()) + 60}, secret),
-                     id="unknown-role"),
-        pytest.param(lambda secret: _forge({"sub": "x", "role": "admin"}, secret),
-                     id="no-exp"),
-        pytest.param(lambda secret: _forge({"sub": "x", "role": "owner", "salon_ids": "1",
-                                             "exp": int(time.time()) + 60}, secret),
-                     id="salon-ids-not-a-list"),
+        pytest.param(
+            lambda secret: _forge(
+                {"sub": "x", "role": "admin", "exp": int(time.time()) + 60}, "wrong-key" * 5
+            ),
+            id="bad-signature",
+        ),
+        pytest.param(
+            lambda secret: _forge(
+                {"sub": "x", "role": "admin", "exp": int(time.time()) - 5}, secret
+            ),
+            id="expired",
+        ),
+        pytest.param(
+            lambda secret: jwt.encode(
+                {"sub": "x", "role": "admin", "exp": int(time.time()) + 60}, None, algorithm="none"
+            ),
+            id="alg-none",
+        ),
+        pytest.param(
+            lambda secret: _forge(
+                {"sub": "x", "role": "root", "exp": int(time.time()) + 60}, secret
+            ),
+            id="unknown-role",
+        ),
+        pytest.param(lambda secret: _forge({"sub": "x", "role": "admin"}, secret), id="no-exp"),
+        pytest.param(
+            lambda secret: _forge(
+                {"sub": "x", "role": "owner", "salon_ids": "1", "exp": int(time.time()) + 60},
+                secret,
+            ),
+            id="salon-ids-not-a-list",
+        ),
         pytest.param(lambda secret: "not.a.jwt", id="garbage"),
     ],
 )
@@ -113,9 +127,11 @@ async def test_bad_tokens_are_401(api: Api, data: dict[str, int], make_token: ob
 
 async def test_tampered_salon_ids_are_401(api: Api, data: dict[str, int]) -> None:
     token = api.token("owner", [data["newyork"]])
-    header, payload, signature = token.split(".")
-    other = _forge({"sub": "x", "role": "owner", "salon_ids": [data["lisbon"]],
-                    "exp": int(time.time()) + 60}, "k" * 40)
+    header, _payload, signature = token.split(".")
+    other = _forge(
+        {"sub": "x", "role": "owner", "salon_ids": [data["lisbon"]], "exp": int(time.time()) + 60},
+        "k" * 40,
+    )
     tampered = ".".join([header, other.split(".")[1], signature])
     response = await api.report("dashboard", tampered, salon_id=data["lisbon"])
     assert_error(response, 401)
@@ -145,8 +161,9 @@ async def test_ops_sees_no_business_data(api: Api, data: dict[str, int], report:
 
 async def test_cache_clear_is_admin_only(api: Api, data: dict[str, int]) -> None:
     for token in (api.token("ops"), api.token("owner", [data["lisbon"]])):
-        response = await api.http.post(f"{PREFIX}/cache/clear", json={},
-                                       headers={"Authorization": f"Bearer {token}"})
+        response = await api.http.post(
+            f"{PREFIX}/cache/clear", json={}, headers={"Authorization": f"Bearer {token}"}
+        )
         assert_error(response, 403)
 
 
@@ -191,8 +208,13 @@ async def test_bad_parameters_are_clear_client_errors(
 async def test_a_full_366_day_period_is_accepted(api: Api, data: dict[str, int]) -> None:
     end = date(2026, 6, 30)
     start = end - timedelta(days=365)
-    response = await api.report("bookings", salon_id=data["lisbon"], start=start.isoformat(),
-                                end=end.isoformat(), granularity="month")
+    response = await api.report(
+        "bookings",
+        salon_id=data["lisbon"],
+        start=start.isoformat(),
+        end=end.isoformat(),
+        granularity="month",
+    )
     assert response.status_code == 200
 
 

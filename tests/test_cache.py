@@ -44,8 +44,9 @@ class SqlCounter:
         self.engine = api.resources.read_engine.sync_engine
         event.listen(self.engine, "before_cursor_execute", self._seen)
 
-    def _seen(self, _conn: Any, _cursor: Any, _statement: str, _params: Any, context: Any,
-              _many: bool) -> None:
+    def _seen(
+        self, _conn: Any, _cursor: Any, _statement: str, _params: Any, context: Any, _many: bool
+    ) -> None:
         if str(context.execution_options.get("query_name", "")).startswith("report."):
             self.count += 1
 
@@ -137,8 +138,8 @@ async def test_tenants_and_roles_never_share_an_entry(api: Api, data: dict[str, 
     assert bodies[4]["bookings_total"] == 6
     keys = entry_keys(api.settings.redis_url)
     assert len(keys) == 4
-    assert sum("{s:%d}" % lisbon in key for key in keys) == 2
-    assert sum("{s:%d}" % newyork in key for key in keys) == 1
+    assert sum(f"{{s:{lisbon}}}" in key for key in keys) == 2
+    assert sum(f"{{s:{newyork}}}" in key for key in keys) == 1
     assert sum("{p}" in key for key in keys) == 1
 
 
@@ -162,18 +163,31 @@ async def test_a_booking_change_from_any_writer_invalidates_within_a_second(
     other = (await api.report("dashboard", salon_id=data["newyork"])).json()
 
     if change == "insert":
-        add_booking(db, salon_id=salon, client_id=data["bob"], professional_id=data["pro_lisbon"],
-                    service_id=data["cut"], scheduled_at=datetime.now(UTC) - timedelta(hours=1),
-                    status="completed", price_cents=4000)
+        add_booking(
+            db,
+            salon_id=salon,
+            client_id=data["bob"],
+            professional_id=data["pro_lisbon"],
+            service_id=data["cut"],
+            scheduled_at=datetime.now(UTC) - timedelta(hours=1),
+            status="completed",
+            price_cents=4000,
+        )
         expected = before["revenue_cents"] + 4000
     elif change == "update":
-        db.execute("UPDATE bookings SET price_cents = 5000 WHERE salon_id = %s"
-                   " AND status = 'completed' AND id = (SELECT min(id) FROM bookings"
-                   " WHERE salon_id = %s AND status = 'completed')", (salon, salon))
+        db.execute(
+            "UPDATE bookings SET price_cents = 5000 WHERE salon_id = %s"
+            " AND status = 'completed' AND id = (SELECT min(id) FROM bookings"
+            " WHERE salon_id = %s AND status = 'completed')",
+            (salon, salon),
+        )
         expected = before["revenue_cents"] + 2000
     else:
-        db.execute("DELETE FROM bookings WHERE id = (SELECT min(id) FROM bookings"
-                   " WHERE salon_id = %s AND status = 'completed')", (salon,))
+        db.execute(
+            "DELETE FROM bookings WHERE id = (SELECT min(id) FROM bookings"
+            " WHERE salon_id = %s AND status = 'completed')",
+            (salon,),
+        )
         expected = before["revenue_cents"] - 3000
 
     async def fresh() -> bool:
@@ -183,7 +197,8 @@ async def test_a_booking_change_from_any_writer_invalidates_within_a_second(
     await _wait_for(fresh, timeout=1.0)
     platform = (await api.report("dashboard")).json()
     assert platform["revenue_cents"] == platform_before["revenue_cents"] + (
-        expected - before["revenue_cents"])
+        expected - before["revenue_cents"]
+    )
     # the other salon's entry was left alone
     response = await api.report("dashboard", salon_id=data["newyork"])
     assert response.headers["x-cache"] == "HIT"
@@ -199,8 +214,11 @@ async def test_a_dropped_listener_never_leaves_stale_data_served(
     assert listener is not None
     await listener.drop_connection()
     # write while the listener is gone: its notification is lost
-    db.execute("UPDATE bookings SET price_cents = price_cents + 100 WHERE salon_id = %s"
-               " AND status = 'completed'", (salon,))
+    db.execute(
+        "UPDATE bookings SET price_cents = price_cents + 100 WHERE salon_id = %s"
+        " AND status = 'completed'",
+        (salon,),
+    )
     expected = before["revenue_cents"] + 100 * before["by_status"]["completed"]
     for _ in range(20):
         body = (await api.report("dashboard", salon_id=salon)).json()
@@ -217,9 +235,9 @@ async def test_200_concurrent_cold_requests_run_the_sql_once(
     api: Api, data: dict[str, int], sql: SqlCounter
 ) -> None:
     token = api.token()
-    responses = await asyncio.gather(*[
-        api.report("professionals", token, salon_id=data["lisbon"]) for _ in range(200)
-    ])
+    responses = await asyncio.gather(
+        *[api.report("professionals", token, salon_id=data["lisbon"]) for _ in range(200)]
+    )
     assert {r.status_code for r in responses} == {200}
     assert len({r.content for r in responses}) == 1
     assert sql.count == 1
@@ -232,10 +250,13 @@ async def test_cold_requests_across_workers_run_the_sql_once(
     async with RunningApi(settings) as one, RunningApi(settings) as two:
         counters = [SqlCounter(one), SqlCounter(two)]
         token = one.token()
-        responses = await asyncio.gather(*[
-            worker.report("bookings", token, salon_id=data["lisbon"], granularity="week")
-            for _ in range(50) for worker in (one, two)
-        ])
+        responses = await asyncio.gather(
+            *[
+                worker.report("bookings", token, salon_id=data["lisbon"], granularity="week")
+                for _ in range(50)
+                for worker in (one, two)
+            ]
+        )
         assert {r.status_code for r in responses} == {200}
         assert len({r.content for r in responses}) == 1
         assert sum(c.count for c in counters) == 1
@@ -265,8 +286,7 @@ async def test_redis_killed_mid_test_then_back(
     base_settings: Settings, database_url: str, data: dict[str, int], db: psycopg.Connection
 ) -> None:
     with redis_process() as server:
-        settings = app_settings(base_settings, database_url, server.url,
-                                redis_breaker_cooldown=0.5)
+        settings = app_settings(base_settings, database_url, server.url, redis_breaker_cooldown=0.5)
         async with RunningApi(settings) as api:
             salon = data["lisbon"]
             expected = (await api.report("dashboard", salon_id=salon)).json()
@@ -301,8 +321,9 @@ async def test_redis_disabled_still_answers(
 
 
 async def _clear(api: Api, **body: Any) -> int:
-    response = await api.http.post(f"{PREFIX}/cache/clear", json=body,
-                                   headers={"Authorization": f"Bearer {api.token()}"})
+    response = await api.http.post(
+        f"{PREFIX}/cache/clear", json=body, headers={"Authorization": f"Bearer {api.token()}"}
+    )
     assert response.status_code == 200, response.text
     return int(response.json()["deleted"])
 
@@ -323,9 +344,9 @@ async def test_cache_clear_by_scope_deletes_exactly_that_scope(
     assert await _clear(api, report="bookings", salon_id=data["lisbon"]) == 1
     remaining = entry_keys(url)
     assert len(remaining) == 8
-    assert not any(":bookings:" in k and "{s:%d}" % data["lisbon"] in k for k in remaining)
+    assert not any(":bookings:" in k and f"{{s:{data['lisbon']}}}" in k for k in remaining)
     assert await _clear(api, salon_id=data["newyork"]) == 3
-    assert not any("{s:%d}" % data["newyork"] in k for k in entry_keys(url))
+    assert not any(f"{{s:{data['newyork']}}}" in k for k in entry_keys(url))
     assert await _clear(api, report="dashboard") == 2
     assert not any(":dashboard:" in k for k in entry_keys(url))
     assert await _clear(api) == 3
@@ -333,25 +354,40 @@ async def test_cache_clear_by_scope_deletes_exactly_that_scope(
 
 
 async def test_cache_clear_rejects_anything_but_its_fields(api: Api) -> None:
-    response = await api.http.post(f"{PREFIX}/cache/clear", json={"pattern": "*"},
-                                   headers={"Authorization": f"Bearer {api.token()}"})
+    response = await api.http.post(
+        f"{PREFIX}/cache/clear",
+        json={"pattern": "*"},
+        headers={"Authorization": f"Bearer {api.token()}"},
+    )
     assert response.status_code == 422
-    response = await api.http.post(f"{PREFIX}/cache/clear", json={"report": "sr:*"},
-                                   headers={"Authorization": f"Bearer {api.token()}"})
+    response = await api.http.post(
+        f"{PREFIX}/cache/clear",
+        json={"report": "sr:*"},
+        headers={"Authorization": f"Bearer {api.token()}"},
+    )
     assert response.status_code == 422
 
 
 async def test_etag_round_trip(api: Api, data: dict[str, int]) -> None:
     first = await api.report("dashboard", salon_id=data["lisbon"])
     etag = first.headers["etag"]
-    assert etag.startswith('"') and not etag.startswith('W/')
-    again = await api.get(f"{PREFIX}/dashboard", api.token(), params={"salon_id": data["lisbon"]},
-                          headers={"If-None-Match": etag})
+    assert etag.startswith('"')
+    assert not etag.startswith("W/")
+    again = await api.get(
+        f"{PREFIX}/dashboard",
+        api.token(),
+        params={"salon_id": data["lisbon"]},
+        headers={"If-None-Match": etag},
+    )
     assert again.status_code == 304
     assert again.content == b""
     assert again.headers["etag"] == etag
-    other = await api.get(f"{PREFIX}/dashboard", api.token(), params={"salon_id": data["lisbon"]},
-                          headers={"If-None-Match": '"something-else"'})
+    other = await api.get(
+        f"{PREFIX}/dashboard",
+        api.token(),
+        params={"salon_id": data["lisbon"]},
+        headers={"If-None-Match": '"something-else"'},
+    )
     assert other.status_code == 200
     # same bytes, same ETag, in another process with an empty cache
     await _clear(api)
@@ -363,21 +399,22 @@ async def test_etag_round_trip(api: Api, data: dict[str, int]) -> None:
 async def test_stale_entries_are_served_while_one_refresh_runs(
     base_settings: Settings, database_url: str, data: dict[str, int], redis_url: str
 ) -> None:
-    settings = app_settings(base_settings, database_url, redis_url, cache_ttl_dashboard=1,
-                            cache_stale_grace=30)
+    settings = app_settings(
+        base_settings, database_url, redis_url, cache_ttl_dashboard=1, cache_stale_grace=30
+    )
     async with RunningApi(settings) as api:
         counter = SqlCounter(api)
         salon = data["lisbon"]
         await api.report("dashboard", salon_id=salon)
         await asyncio.sleep(1.1)
-        stale = await asyncio.gather(*[api.report("dashboard", salon_id=salon)
-                                       for _ in range(20)])
+        stale = await asyncio.gather(*[api.report("dashboard", salon_id=salon) for _ in range(20)])
         # served at once from the stale entry; once the refresh lands, as hits
         served = [r.headers["x-cache"] for r in stale]
         assert "STALE" in served
         assert set(served) <= {"STALE", "HIT"}
         assert {r.headers["cache-control"] for r in stale if r.headers["x-cache"] == "STALE"} == {
-            "private, max-age=0"}
+            "private, max-age=0"
+        }
 
         async def refreshed() -> bool:
             response = await api.report("dashboard", salon_id=salon)
@@ -393,8 +430,9 @@ async def test_a_stale_entry_beats_a_503_when_the_database_is_down(
 ) -> None:
     from service.db import async_engine, with_database
 
-    settings = app_settings(base_settings, database_url, redis_url, cache_ttl_dashboard=1,
-                            cache_stale_grace=30)
+    settings = app_settings(
+        base_settings, database_url, redis_url, cache_ttl_dashboard=1, cache_stale_grace=30
+    )
     async with RunningApi(settings) as api:
         salon = data["lisbon"]
         fresh = await api.report("dashboard", salon_id=salon)
@@ -403,7 +441,8 @@ async def test_a_stale_entry_beats_a_503_when_the_database_is_down(
         healthy = reports.engine
         # a database that refuses connections
         dead_url = with_database(database_url, database_url.rsplit("/", 1)[1]).replace(
-            f":{healthy.url.port}/", ":1/")
+            f":{healthy.url.port}/", ":1/"
+        )
         reports.engine = async_engine(dead_url, pool_timeout=0.5)
         try:
             stale = await api.report("dashboard", salon_id=salon)

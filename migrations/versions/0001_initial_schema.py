@@ -18,7 +18,9 @@ depends_on = None
 
 
 def _created_at() -> sa.Column[sa.DateTime]:
-    return sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now())
+    return sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    )
 
 
 def upgrade() -> None:
@@ -40,7 +42,12 @@ def upgrade() -> None:
     op.create_table(
         "professionals",
         sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
-        sa.Column("salon_id", sa.BigInteger, sa.ForeignKey("salons.id", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "salon_id",
+            sa.BigInteger,
+            sa.ForeignKey("salons.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
         sa.Column("user_id", sa.BigInteger, sa.ForeignKey("users.id", ondelete="SET NULL")),
         sa.Column("name", sa.Text, nullable=False),
         sa.Column("is_active", sa.Boolean, nullable=False, server_default=sa.true()),
@@ -50,7 +57,12 @@ def upgrade() -> None:
     op.create_table(
         "services",
         sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
-        sa.Column("salon_id", sa.BigInteger, sa.ForeignKey("salons.id", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "salon_id",
+            sa.BigInteger,
+            sa.ForeignKey("salons.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
         sa.Column("category", sa.Text, nullable=False),
         sa.Column("name", sa.Text, nullable=False),
         sa.Column("price_cents", sa.Integer, nullable=False),
@@ -61,15 +73,24 @@ def upgrade() -> None:
     op.create_table(
         "bookings",
         sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
-        sa.Column("salon_id", sa.BigInteger, sa.ForeignKey("salons.id", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "salon_id",
+            sa.BigInteger,
+            sa.ForeignKey("salons.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
         sa.Column("client_id", sa.BigInteger, sa.ForeignKey("users.id"), nullable=False),
-        sa.Column("professional_id", sa.BigInteger, sa.ForeignKey("professionals.id"), nullable=False),
+        sa.Column(
+            "professional_id", sa.BigInteger, sa.ForeignKey("professionals.id"), nullable=False
+        ),
         sa.Column("service_id", sa.BigInteger, sa.ForeignKey("services.id"), nullable=False),
         sa.Column("scheduled_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("status", sa.Text, nullable=False),
         sa.Column("price_cents", sa.Integer, nullable=False),
         _created_at(),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+        sa.Column(
+            "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
         sa.Column("completed_at", sa.DateTime(timezone=True)),
         sa.Column("cancelled_at", sa.DateTime(timezone=True)),
         sa.CheckConstraint(
@@ -79,7 +100,9 @@ def upgrade() -> None:
         sa.CheckConstraint("price_cents >= 0", name="ck_bookings_price_nonnegative"),
     )
     op.create_index("idx_bookings_scheduled_at_status", "bookings", ["scheduled_at", "status"])
-    op.create_index("idx_bookings_professional_scheduled", "bookings", ["professional_id", "scheduled_at"])
+    op.create_index(
+        "idx_bookings_professional_scheduled", "bookings", ["professional_id", "scheduled_at"]
+    )
     op.create_index("idx_bookings_service_scheduled", "bookings", ["service_id", "scheduled_at"])
     op.create_index("idx_bookings_client_scheduled", "bookings", ["client_id", "scheduled_at"])
     op.create_index("idx_bookings_status_completed", "bookings", ["status", "completed_at"])
@@ -89,7 +112,9 @@ def upgrade() -> None:
         ["salon_id", "scheduled_at"],
         postgresql_include=["status", "price_cents", "client_id", "service_id", "professional_id"],
     )
-    op.create_index("idx_bookings_salon_client_scheduled", "bookings", ["salon_id", "client_id", "scheduled_at"])
+    op.create_index(
+        "idx_bookings_salon_client_scheduled", "bookings", ["salon_id", "client_id", "scheduled_at"]
+    )
     op.create_table(
         "audit_events",
         sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),

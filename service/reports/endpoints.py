@@ -85,7 +85,9 @@ def parse_period(start: str | None, end: str | None, today: date) -> Period:
         raise APIError(422, "validation_error", "start must not be after end")
     period = Period(start_day, end_day)
     if period.days > MAX_PERIOD_DAYS:
-        raise APIError(422, "validation_error", f"the period may span at most {MAX_PERIOD_DAYS} days")
+        raise APIError(
+            422, "validation_error", f"the period may span at most {MAX_PERIOD_DAYS} days"
+        )
     return period
 
 
@@ -108,7 +110,9 @@ async def _scope(
     return scope
 
 
-def report_response(request: Request, outcome: Outcome, started: float) -> Response:
+def report_response(
+    request: Request, outcome: Outcome, started: float, *, cacheable: bool = True
+) -> Response:
     """Serve stored bytes with validators, freshness and timings; 304 when the client has them."""
     entry = outcome.entry
     now = time.time()
@@ -123,7 +127,8 @@ def report_response(request: Request, outcome: Outcome, started: float) -> Respo
             f"total;dur={total_ms:.1f}"
         ),
     }
-    request.state.cache_result = outcome.result
+    if cacheable:  # what the telemetry counts as a cache lookup
+        request.state.cache_result = outcome.result
     if_none_match = request.headers.get("if-none-match")
     if if_none_match is not None and _etag_matches(if_none_match, entry.etag):
         return Response(status_code=304, headers=headers)
@@ -171,8 +176,7 @@ async def bookings(
     request.state.report_name = "bookings"
     scope = await _scope(request, reports, principal, salon_id)
     period = parse_period(start, end, reports.today(scope))
-    filters = BookingFilters(professional_id=professional_id, service_id=service_id,
-                             status=status)
+    filters = BookingFilters(professional_id=professional_id, service_id=service_id, status=status)
     outcome = await reports.bookings(principal, scope, period, granularity, filters)
     return report_response(request, outcome, started)
 
@@ -210,7 +214,7 @@ async def realtime(
     request.state.report_name = "realtime"
     scope = await _scope(request, reports, principal, salon_id)
     outcome = await reports.realtime(scope)
-    return report_response(request, outcome, started)
+    return report_response(request, outcome, started, cacheable=False)
 
 
 class CacheClearRequest(BaseModel):
@@ -238,4 +242,3 @@ async def clear_cache(
     else:
         deleted = await cache.clear_all(request.report)
     return CacheClearResponse(deleted=deleted)
-

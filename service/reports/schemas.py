@@ -48,18 +48,44 @@ class DashboardReport(_Model):
         json_schema_extra={
             "examples": [
                 {
-                    "meta": {"salon_id": 7, "timezone": "Europe/Lisbon", "start": "2026-10-28",
-                             "end": "2026-11-26"},
+                    "meta": {
+                        "salon_id": 7,
+                        "timezone": "Europe/Lisbon",
+                        "start": "2026-10-28",
+                        "end": "2026-11-26",
+                    },
                     "bookings_total": 412,
-                    "by_status": {"pending": 20, "confirmed": 41, "completed": 301,
-                                  "cancelled": 38, "no_show": 12},
-                    "completion_rate": 0.7306, "cancellation_rate": 0.0922, "no_show_rate": 0.0291,
-                    "revenue_cents": 1204500, "average_ticket_cents": 4002,
-                    "unique_clients": 233, "new_clients": 61, "returning_clients": 172,
-                    "top_services": [{"service_id": 70, "name": "Cut & blow-dry",
-                                      "bookings": 96, "revenue_cents": 384000}],
-                    "daily": [{"date": "2026-10-28", "bookings": 14, "completed": 10,
-                               "revenue_cents": 41000}],
+                    "by_status": {
+                        "pending": 20,
+                        "confirmed": 41,
+                        "completed": 301,
+                        "cancelled": 38,
+                        "no_show": 12,
+                    },
+                    "completion_rate": 0.7306,
+                    "cancellation_rate": 0.0922,
+                    "no_show_rate": 0.0291,
+                    "revenue_cents": 1204500,
+                    "average_ticket_cents": 4002,
+                    "unique_clients": 233,
+                    "new_clients": 61,
+                    "returning_clients": 172,
+                    "top_services": [
+                        {
+                            "service_id": 70,
+                            "name": "Cut & blow-dry",
+                            "bookings": 96,
+                            "revenue_cents": 384000,
+                        }
+                    ],
+                    "daily": [
+                        {
+                            "date": "2026-10-28",
+                            "bookings": 14,
+                            "completed": 10,
+                            "revenue_cents": 41000,
+                        }
+                    ],
                 }
             ]
         }
@@ -74,7 +100,9 @@ class DashboardReport(_Model):
     revenue_cents: int = Field(description="Sum of completed bookings' prices.")
     average_ticket_cents: int = Field(description="revenue_cents / completed, rounded half up.")
     unique_clients: int
-    new_clients: int = Field(description="Clients whose first booking ever in scope is in the period.")
+    new_clients: int = Field(
+        description="Clients whose first booking ever in scope is in the period."
+    )
     returning_clients: int
     top_services: list[TopService] = Field(max_length=5)
     daily: list[DailyPoint]

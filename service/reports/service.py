@@ -162,8 +162,9 @@ class ReportService:
     ) -> Outcome:
         async def compute() -> bytes:
             async with self._connection() as connection:
-                data = await queries.booking_metrics(connection, scope, period, granularity,
-                                                     filters)
+                data = await queries.booking_metrics(
+                    connection, scope, period, granularity, filters
+                )
             return _serialise(BookingsReport(meta=self._meta(scope, period), **data))
 
         params = {
@@ -221,5 +222,6 @@ class ReportService:
             )
         )
         compute_ms = (time.perf_counter() - started) * 1000
-        return Outcome(CacheEntry.of(body, 0, time.time()), CacheResult.BYPASS,
-                       compute_ms=compute_ms)
+        return Outcome(
+            CacheEntry.of(body, 0, time.time()), CacheResult.BYPASS, compute_ms=compute_ms
+        )

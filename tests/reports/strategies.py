@@ -189,8 +189,14 @@ def load(connection: psycopg.Connection, dataset: Dataset) -> None:
     """
     booking_rows: list[tuple[object, ...]] = [
         (
-            b.id, b.salon_id, b.client_id, b.professional_id, b.service_id, b.scheduled_at,
-            b.status, b.price_cents,
+            b.id,
+            b.salon_id,
+            b.client_id,
+            b.professional_id,
+            b.service_id,
+            b.scheduled_at,
+            b.status,
+            b.price_cents,
             b.scheduled_at if b.status == "completed" else None,
             b.scheduled_at if b.status == "cancelled" else None,
         )
@@ -246,8 +252,11 @@ def datasets(draw: st.DrawFn, around: Period, max_bookings: int = 25) -> Dataset
         for is_active in draw(st.lists(st.booleans(), min_size=1, max_size=3)):
             builder.professional(salon_id, is_active=is_active)
         for category, price in draw(
-            st.lists(st.tuples(st.sampled_from(CATEGORIES), st.sampled_from(PRICES)),
-                     min_size=1, max_size=3)
+            st.lists(
+                st.tuples(st.sampled_from(CATEGORIES), st.sampled_from(PRICES)),
+                min_size=1,
+                max_size=3,
+            )
         ):
             builder.service(salon_id, category, price)
     for _ in range(draw(st.integers(1, 5))):
@@ -256,14 +265,18 @@ def datasets(draw: st.DrawFn, around: Period, max_bookings: int = 25) -> Dataset
     # Lots of empty days and buckets come for free; the period edges are drawn on purpose.
     for _ in range(draw(st.integers(0, max_bookings))):
         salon = draw(st.sampled_from(builder.salons))
-        professional = draw(st.sampled_from(
-            [p.id for p in builder.professionals if p.salon_id == salon.id]
-        ))
+        professional = draw(
+            st.sampled_from([p.id for p in builder.professionals if p.salon_id == salon.id])
+        )
         service = draw(st.sampled_from([s.id for s in builder.services if s.salon_id == salon.id]))
-        day = draw(st.one_of(
-            st.sampled_from((around.start, around.end, around.end + timedelta(days=1))),
-            st.integers(-8, around.days + 2).map(lambda offset: around.start + timedelta(offset)),
-        ))
+        day = draw(
+            st.one_of(
+                st.sampled_from((around.start, around.end, around.end + timedelta(days=1))),
+                st.integers(-8, around.days + 2).map(
+                    lambda offset: around.start + timedelta(offset)
+                ),
+            )
+        )
         local = datetime.combine(day, draw(st.sampled_from(TIMES)))
         builder.booking(
             client=draw(st.sampled_from(builder.clients)),

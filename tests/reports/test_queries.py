@@ -155,19 +155,18 @@ def edges_dataset() -> Dataset:
         )
     for day in range(2, 28, 3):
         b.booking(
-            client=c1, professional=ana, service=nails, local=datetime(2026, 3, day, 18),
+            client=c1,
+            professional=ana,
+            service=nails,
+            local=datetime(2026, 3, day, 18),
             status=("completed", "no_show", "pending", "confirmed")[day % 4],
         )
     # bea and ines end March level on revenue (6000 each): a shared revenue rank.
     b.booking(client=c4, professional=bea, service=spa, local=datetime(2026, 3, 20, 9))
     b.booking(client=c4, professional=ines, service=cut, local=datetime(2026, 3, 20, 10))
     # Lisbon's autumn change, twice 01:30 on 2026-10-25.
-    b.booking(
-        client=c2, professional=ana, service=cut, local=datetime(2026, 10, 25, 1, 30, fold=0)
-    )
-    b.booking(
-        client=c2, professional=ana, service=cut, local=datetime(2026, 10, 25, 1, 30, fold=1)
-    )
+    b.booking(client=c2, professional=ana, service=cut, local=datetime(2026, 10, 25, 1, 30, fold=0))
+    b.booking(client=c2, professional=ana, service=cut, local=datetime(2026, 10, 25, 1, 30, fold=1))
     b.booking(client=c3, professional=bea, service=nails, local=datetime(2026, 10, 31, 23, 30))
 
     # New York: spring forward 2026-03-08 (02:30 does not exist), fall back 2026-11-01.
@@ -181,8 +180,13 @@ def edges_dataset() -> Dataset:
 
     # UTC: a client new here who is not new to the platform.
     b.booking(client=c2, professional=dan, service=wash, local=datetime(2026, 3, 31, 23, 30))
-    b.booking(client=c1, professional=dan, service=wash, local=datetime(2026, 3, 1, 0, 0),
-              status="no_show")
+    b.booking(
+        client=c1,
+        professional=dan,
+        service=wash,
+        local=datetime(2026, 3, 1, 0, 0),
+        status="no_show",
+    )
 
     # Sydney (DST ends 2026-04-05): ties everywhere. Top services: t2 and t1 tie on bookings,
     # t2 earns more; t3, t4 and t6 tie on bookings and revenue, the limit of 5 cuts t6.
@@ -194,12 +198,22 @@ def edges_dataset() -> Dataset:
     t3, t4 = b.service(sydney, "spa", 100), b.service(sydney, "spa", 100)
     t5 = b.service(sydney, "hair", 2000)
     t6 = b.service(sydney, "nails", 100)
-    for day, pro, service in ((3, syd2, t1), (4, syd2, t1), (5, syd1, t2), (6, syd1, t2),
-                              (7, syd2, t5)):
+    for day, pro, service in (
+        (3, syd2, t1),
+        (4, syd2, t1),
+        (5, syd1, t2),
+        (6, syd1, t2),
+        (7, syd2, t5),
+    ):
         b.booking(client=c3, professional=pro, service=service, local=datetime(2026, 3, day, 12))
     for service in (t3, t4, t6):  # a cancelled-only day
-        b.booking(client=c4, professional=syd1, service=service, local=datetime(2026, 3, 10, 12),
-                  status="cancelled")
+        b.booking(
+            client=c4,
+            professional=syd1,
+            service=service,
+            local=datetime(2026, 3, 10, 12),
+            status="cancelled",
+        )
     b.booking(client=c1, professional=syd1, service=t2, local=datetime(2026, 4, 5, 2, 30, fold=1))
     b.booking(client=c1, professional=syd2, service=t5, local=datetime(2026, 4, 30, 23, 30))
     b.booking(client=c2, professional=syd2, service=t5, local=datetime(2026, 5, 1, 0, 0))
@@ -317,7 +331,11 @@ def dashboard(reports: Reports, implementation: str, scope: Scope, period: Perio
 
 
 def bookings(
-    reports: Reports, implementation: str, scope: Scope, period: Period, granularity: str,
+    reports: Reports,
+    implementation: str,
+    scope: Scope,
+    period: Period,
+    granularity: str,
     filters: BookingFilters | None = None,
 ) -> Any:
     chosen = filters or BookingFilters()
@@ -354,24 +372,53 @@ def lisbon_weekend() -> Dataset:
     away_pro = b.professional(other)
     old, fresh, late, elsewhere = b.client(), b.client(), b.client(), b.client()
     # Before the period: makes ``old`` a returning client.
-    b.booking(client=old, professional=pro, service=cut, local=datetime(2026, 3, 27, 23, 59),
-              status="cancelled")
+    b.booking(
+        client=old,
+        professional=pro,
+        service=cut,
+        local=datetime(2026, 3, 27, 23, 59),
+        status="cancelled",
+    )
     # In the period (Saturday 28th, Sunday 29th up to 23:30).
-    b.booking(client=old, professional=pro, service=cut, local=datetime(2026, 3, 28, 0, 0),
-              price_cents=1001)
-    b.booking(client=old, professional=pro, service=nails, local=datetime(2026, 3, 28, 9),
-              status="no_show")
-    b.booking(client=fresh, professional=pro, service=nails, local=datetime(2026, 3, 29, 3, 0),
-              price_cents=1000)
-    b.booking(client=fresh, professional=pro, service=cut, local=datetime(2026, 3, 29, 23, 30),
-              status="cancelled")
+    b.booking(
+        client=old,
+        professional=pro,
+        service=cut,
+        local=datetime(2026, 3, 28, 0, 0),
+        price_cents=1001,
+    )
+    b.booking(
+        client=old,
+        professional=pro,
+        service=nails,
+        local=datetime(2026, 3, 28, 9),
+        status="no_show",
+    )
+    b.booking(
+        client=fresh,
+        professional=pro,
+        service=nails,
+        local=datetime(2026, 3, 29, 3, 0),
+        price_cents=1000,
+    )
+    b.booking(
+        client=fresh,
+        professional=pro,
+        service=cut,
+        local=datetime(2026, 3, 29, 23, 30),
+        status="cancelled",
+    )
     # After the period: Monday 00:00 Lisbon is 2026-03-29 23:00 UTC, still excluded.
     b.booking(client=late, professional=pro, service=cut, local=datetime(2026, 3, 30, 0, 0))
     # Another salon: ``elsewhere`` booked there before, so is not new platform-wide.
-    b.booking(client=elsewhere, professional=away_pro, service=away,
-              local=datetime(2026, 3, 1, 12))
-    b.booking(client=elsewhere, professional=pro, service=cut, local=datetime(2026, 3, 29, 12),
-              status="pending")
+    b.booking(client=elsewhere, professional=away_pro, service=away, local=datetime(2026, 3, 1, 12))
+    b.booking(
+        client=elsewhere,
+        professional=pro,
+        service=cut,
+        local=datetime(2026, 3, 29, 12),
+        status="pending",
+    )
     return b.build()
 
 
@@ -422,8 +469,14 @@ def test_bookings_by_hand(reports: Reports, implementation: str) -> None:
     # Saturday 28th and Sunday 29th are both in the ISO week of Monday 23rd; so is the 27th,
     # which is before the period and not counted.
     assert weekly["series"] == [
-        {"bucket_start": date(2026, 3, 23), "bookings": 5, "completed": 2, "cancelled": 1,
-         "no_show": 1, "revenue_cents": 2001},
+        {
+            "bucket_start": date(2026, 3, 23),
+            "bookings": 5,
+            "completed": 2,
+            "cancelled": 1,
+            "no_show": 1,
+            "revenue_cents": 2001,
+        },
     ]
     assert weekly["by_category"] == [
         {"category": "hair", "bookings": 3, "revenue_cents": 1001},
@@ -435,7 +488,11 @@ def test_bookings_by_hand(reports: Reports, implementation: str) -> None:
     assert [point["hour"] for point in weekly["by_hour"]] == list(range(24))
 
     monthly = bookings(
-        reports, implementation, LISBON, DST_WEEKEND, "month",
+        reports,
+        implementation,
+        LISBON,
+        DST_WEEKEND,
+        "month",
         BookingFilters(professional_id=1, status="cancelled"),
     )
     assert [(p["bucket_start"], p["bookings"]) for p in monthly["series"]] == [
@@ -457,20 +514,29 @@ def retention_dataset() -> Dataset:
     b.booking(client=x, professional=kim, service=cut, local=datetime(2026, 11, 2, 10))
     b.booking(client=x, professional=kim, service=cut, local=datetime(2026, 11, 5, 10))
     b.booking(client=y, professional=kim, service=cut, local=datetime(2026, 11, 3, 10))
-    b.booking(client=y, professional=kim, service=cut, local=datetime(2026, 11, 4, 10),
-              status="cancelled")
+    b.booking(
+        client=y, professional=kim, service=cut, local=datetime(2026, 11, 4, 10), status="cancelled"
+    )
     # y saw kim before the period (a no-show still counts as a booking): y is returning for kim.
-    b.booking(client=y, professional=kim, service=cut, local=datetime(2026, 10, 31, 23, 59),
-              status="no_show")
+    b.booking(
+        client=y,
+        professional=kim,
+        service=cut,
+        local=datetime(2026, 10, 31, 23, 59),
+        status="no_show",
+    )
     # z saw lee before the period, but only kim in it: not returning for kim.
     b.booking(client=z, professional=lee, service=cut, local=datetime(2026, 10, 1, 10))
-    b.booking(client=z, professional=kim, service=cut, local=datetime(2026, 11, 6, 10),
-              status="no_show")
+    b.booking(
+        client=z, professional=kim, service=cut, local=datetime(2026, 11, 6, 10), status="no_show"
+    )
     # lee earns 6000 like kim: a tie for rank 1. max_ (inactive) has one booking: listed.
-    b.booking(client=z, professional=lee, service=cut, local=datetime(2026, 11, 2, 10),
-              price_cents=6000)
-    b.booking(client=x, professional=max_, service=cut, local=datetime(2026, 11, 2, 10),
-              status="pending")
+    b.booking(
+        client=z, professional=lee, service=cut, local=datetime(2026, 11, 2, 10), price_cents=6000
+    )
+    b.booking(
+        client=x, professional=max_, service=cut, local=datetime(2026, 11, 2, 10), status="pending"
+    )
     return b.build()
 
 
@@ -481,15 +547,45 @@ def test_professionals_by_hand(reports: Reports, implementation: str) -> None:
     period = Period(date(2026, 11, 1), date(2026, 11, 7))
     items = professionals(reports, implementation, scope, period)
     assert items == [
-        {"professional_id": 1, "name": "Pro 1", "bookings": 5, "completed": 3, "cancelled": 1,
-         "no_show": 1, "revenue_cents": 6000, "unique_clients": 3, "returning_clients": 1,
-         "client_retention_rate": 0.5, "revenue_rank": 1},
-        {"professional_id": 2, "name": "Pro 2", "bookings": 1, "completed": 1, "cancelled": 0,
-         "no_show": 0, "revenue_cents": 6000, "unique_clients": 1, "returning_clients": 1,
-         "client_retention_rate": 0.0, "revenue_rank": 1},
-        {"professional_id": 3, "name": "Pro 3", "bookings": 1, "completed": 0, "cancelled": 0,
-         "no_show": 0, "revenue_cents": 0, "unique_clients": 1, "returning_clients": 0,
-         "client_retention_rate": 0.0, "revenue_rank": 3},
+        {
+            "professional_id": 1,
+            "name": "Pro 1",
+            "bookings": 5,
+            "completed": 3,
+            "cancelled": 1,
+            "no_show": 1,
+            "revenue_cents": 6000,
+            "unique_clients": 3,
+            "returning_clients": 1,
+            "client_retention_rate": 0.5,
+            "revenue_rank": 1,
+        },
+        {
+            "professional_id": 2,
+            "name": "Pro 2",
+            "bookings": 1,
+            "completed": 1,
+            "cancelled": 0,
+            "no_show": 0,
+            "revenue_cents": 6000,
+            "unique_clients": 1,
+            "returning_clients": 1,
+            "client_retention_rate": 0.0,
+            "revenue_rank": 1,
+        },
+        {
+            "professional_id": 3,
+            "name": "Pro 3",
+            "bookings": 1,
+            "completed": 0,
+            "cancelled": 0,
+            "no_show": 0,
+            "revenue_cents": 0,
+            "unique_clients": 1,
+            "returning_clients": 0,
+            "client_retention_rate": 0.0,
+            "revenue_rank": 3,
+        },
     ]
 
 
@@ -527,8 +623,13 @@ def test_realtime_by_hand(reports: Reports, implementation: str) -> None:
     cut = b.service(sydney, price_cents=4000)
     client = b.client()
     for hour, status in ((0, "completed"), (8, "cancelled"), (23, "completed"), (12, "confirmed")):
-        b.booking(client=client, professional=pro, service=cut,
-                  local=datetime(2026, 4, 5, hour, 30), status=status)
+        b.booking(
+            client=client,
+            professional=pro,
+            service=cut,
+            local=datetime(2026, 4, 5, hour, 30),
+            status=status,
+        )
     b.booking(client=client, professional=pro, service=cut, local=datetime(2026, 4, 6, 0, 0))
     reports.load(b.build())
     # 2026-04-05 is Sydney's autumn change (25 hours long); all four belong to it.

@@ -26,8 +26,14 @@ from sqlalchemy import text
 from service.config import Settings
 from telemetry.setup import configure
 from tests.conftest import Api, RunningApi, app_settings
-from tests.factories import add_booking, add_professional, add_salon, add_service, add_user
-from tests.factories import small_dataset
+from tests.factories import (
+    add_booking,
+    add_professional,
+    add_salon,
+    add_service,
+    add_user,
+    small_dataset,
+)
 
 PREFIX = "/api/v1/optimized-reports"
 DASHBOARD_ROUTE = f"GET {PREFIX}/dashboard"
@@ -94,7 +100,8 @@ async def test_cold_request_span_tree(api: Api, data: dict[str, int]) -> None:
     assert sql.attributes["db.response.returned_rows"] == 1
     assert sql.attributes["db.query.summary"] == "report.dashboard"
     assert "%(" in str(sql.attributes.get("db.statement", sql.attributes.get("db.query.text")))
-    assert compute.end_time is not None and store.start_time is not None
+    assert compute.end_time is not None
+    assert store.start_time is not None
     assert compute.end_time <= store.start_time
     # Redis commands are spans of their own, without arguments
     redis_spans = [s for s in spans if s.attributes and s.attributes.get("db.system") == "redis"]
@@ -124,9 +131,12 @@ async def test_warm_request_has_a_hit_and_no_sql(api: Api, data: dict[str, int])
 async def test_incoming_traceparent_is_continued(api: Api, data: dict[str, int]) -> None:
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     parent = "00f067aa0ba902b7"
-    response = await api.get(f"{PREFIX}/dashboard", api.token(),
-                             params={"salon_id": data["lisbon"]},
-                             headers={"traceparent": f"00-{trace_id}-{parent}-01"})
+    response = await api.get(
+        f"{PREFIX}/dashboard",
+        api.token(),
+        params={"salon_id": data["lisbon"]},
+        headers={"traceparent": f"00-{trace_id}-{parent}-01"},
+    )
     assert response.headers["x-trace-id"] == trace_id
     server = server_span(api.spans.get_finished_spans())
     assert format(server.context.trace_id, "032x") == trace_id
@@ -145,8 +155,9 @@ async def test_an_unexpected_error_is_recorded_and_answered_as_json(
     monkeypatch.setattr(queries, "dashboard_metrics", broken)
     response = await api.report("dashboard", salon_id=data["lisbon"])
     assert response.status_code == 500
-    assert response.json() == {"error": {"code": "internal_error",
-                                         "message": "internal server error"}}
+    assert response.json() == {
+        "error": {"code": "internal_error", "message": "internal server error"}
+    }
     spans = request_trace(api)
     server = server_span(spans)
     assert server.status.status_code is StatusCode.ERROR
@@ -177,8 +188,9 @@ async def test_stats_count_every_request_even_when_nothing_is_sampled(
     exporter = InMemorySpanExporter()
     provider = TracerProvider(sampler=ALWAYS_OFF)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    telemetry = configure(version="test", environment="test", slow_query_ms=500,
-                          tracer_provider=provider)
+    telemetry = configure(
+        version="test", environment="test", slow_query_ms=500, tracer_provider=provider
+    )
     settings = app_settings(base_settings, database_url, redis_url)
     async with RunningApi(settings, telemetry) as api:
         await _workload_with_known_counts(api, data["lisbon"])
@@ -271,7 +283,10 @@ async def test_metrics_lists_every_metric_after_a_small_workload(
 
 
 async def test_slow_queries_are_logged_with_their_trace_and_marked_on_the_span(
-    base_settings: Settings, database_url: str, data: dict[str, int], redis_url: str,
+    base_settings: Settings,
+    database_url: str,
+    data: dict[str, int],
+    redis_url: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     settings = app_settings(base_settings, database_url, redis_url, slow_query_ms=0.001)
@@ -281,8 +296,9 @@ async def test_slow_queries_are_logged_with_their_trace_and_marked_on_the_span(
         trace_id = response.headers["x-trace-id"]
         stats = await _stats(api)
         spans = api.spans.get_finished_spans()
-    lines = [json.loads(r.getMessage()) for r in caplog.records
-             if r.name == "salon_reports.slow_query"]
+    lines = [
+        json.loads(r.getMessage()) for r in caplog.records if r.name == "salon_reports.slow_query"
+    ]
     dashboard = [line for line in lines if line["query"] == "report.dashboard"]
     assert len(dashboard) == 1
     assert dashboard[0]["trace_id"] == trace_id
@@ -319,13 +335,15 @@ async def test_five_identical_statements_in_one_request_are_an_n_plus_one(
 
 
 async def test_sdk_disabled_means_no_spans_but_full_stats(
-    base_settings: Settings, database_url: str, data: dict[str, int], redis_url: str,
+    base_settings: Settings,
+    database_url: str,
+    data: dict[str, int],
+    redis_url: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     telemetry = configure(version="test", environment="test", slow_query_ms=500)
-    async with RunningApi(app_settings(base_settings, database_url, redis_url),
-                          telemetry) as api:
+    async with RunningApi(app_settings(base_settings, database_url, redis_url), telemetry) as api:
         response = await api.report("dashboard", salon_id=data["lisbon"])
         assert response.status_code == 200
         assert "x-trace-id" not in response.headers
@@ -339,7 +357,7 @@ async def test_sdk_disabled_means_no_spans_but_full_stats(
 class _Receiver(BaseHTTPRequestHandler):
     received: list[tuple[str, bytes]]
 
-    def do_POST(self) -> None:  # noqa: N802 - the http.server API
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.received.append((self.path, body))
         self.send_response(200)
@@ -363,29 +381,32 @@ def otlp_receiver() -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
 
 
 async def test_spans_and_metrics_reach_an_otlp_receiver(
-    base_settings: Settings, database_url: str, data: dict[str, int], redis_url: str,
-    monkeypatch: pytest.MonkeyPatch, otlp_receiver: tuple[str, list[tuple[str, bytes]]],
+    base_settings: Settings,
+    database_url: str,
+    data: dict[str, int],
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    otlp_receiver: tuple[str, list[tuple[str, bytes]]],
 ) -> None:
     endpoint, received = otlp_receiver
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
     monkeypatch.setenv("OTEL_SERVICE_NAME", "salon-reports-wire-test")
     telemetry = configure(version="9.9.9", environment="test", slow_query_ms=500)
-    async with RunningApi(app_settings(base_settings, database_url, redis_url),
-                          telemetry) as api:
+    async with RunningApi(app_settings(base_settings, database_url, redis_url), telemetry) as api:
         await api.report("dashboard", salon_id=data["lisbon"])
         await api.report("dashboard", salon_id=data["lisbon"])
     await asyncio.sleep(0)  # shutdown() flushed both exporters synchronously
 
     traces = [body for path, body in received if path == "/v1/traces"]
     metrics = [body for path, body in received if path == "/v1/metrics"]
-    assert traces and metrics
+    assert traces
+    assert metrics
     spans = []
     resource_attributes = {}
     for body in traces:
         request = ExportTraceServiceRequest.FromString(body)
         for resource_spans in request.resource_spans:
-            resource_attributes.update({a.key: a.value for a in
-                                        resource_spans.resource.attributes})
+            resource_attributes.update({a.key: a.value for a in resource_spans.resource.attributes})
             for scope_spans in resource_spans.scope_spans:
                 spans.extend(scope_spans.spans)
     assert resource_attributes["service.name"].string_value == "salon-reports-wire-test"
@@ -396,8 +417,7 @@ async def test_spans_and_metrics_reach_an_otlp_receiver(
     assert attributes["report.dashboard"]["db.response.returned_rows"].int_value == 1
     servers = [span for span in spans if span.name == DASHBOARD_ROUTE]
     results = sorted(
-        {a.key: a.value for a in span.attributes}["cache.result"].string_value
-        for span in servers
+        {a.key: a.value for a in span.attributes}["cache.result"].string_value for span in servers
     )
     assert results == ["hit", "miss"]
     metric_names = set()
@@ -406,8 +426,12 @@ async def test_spans_and_metrics_reach_an_otlp_receiver(
         for resource_metrics in request_metrics.resource_metrics:
             for scope_metrics in resource_metrics.scope_metrics:
                 metric_names.update(metric.name for metric in scope_metrics.metrics)
-    assert {"http.server.request.duration", "db.client.operation.duration",
-            "reports.cache.requests", "db.client.connection.count"} <= metric_names
+    assert {
+        "http.server.request.duration",
+        "db.client.operation.duration",
+        "reports.cache.requests",
+        "db.client.connection.count",
+    } <= metric_names
 
 
 # -- hygiene: nothing personal or secret in telemetry ------------------------------------
@@ -427,8 +451,14 @@ async def test_no_email_token_or_name_in_spans_metrics_or_logs(
     pro = add_professional(db, salon, "Planted Professional Name")
     service = add_service(db, salon, "Planted Service Name")
     for days in range(3):
-        add_booking(db, salon_id=salon, client_id=client, professional_id=pro,
-                    service_id=service, scheduled_at=datetime.now(UTC) - timedelta(days=days))
+        add_booking(
+            db,
+            salon_id=salon,
+            client_id=client,
+            professional_id=pro,
+            service_id=service,
+            scheduled_at=datetime.now(UTC) - timedelta(days=days),
+        )
     token = api.token("owner", [salon])
     for report in ("dashboard", "bookings", "professionals", "realtime"):
         for _ in range(2):
@@ -450,7 +480,14 @@ async def test_no_email_token_or_name_in_spans_metrics_or_logs(
     texts.extend(record.getMessage() for record in caplog.records)
     texts.append(json.dumps(await _stats(api)))
     haystack = "\n".join(texts)
-    for secret in (PLANTED_EMAIL, PLANTED_SALON, "Planted Professional Name",
-                   "Planted Service Name", token, token.split(".")[2], "garbage-token",
-                   api.settings.jwt_secret):
+    for secret in (
+        PLANTED_EMAIL,
+        PLANTED_SALON,
+        "Planted Professional Name",
+        "Planted Service Name",
+        token,
+        token.split(".")[2],
+        "garbage-token",
+        api.settings.jwt_secret,
+    ):
         assert secret not in haystack, secret
