@@ -275,16 +275,21 @@ def professionals_sql(scope: Scope) -> str:
         GROUP BY professional_id, client_id
     ),
     client_stats AS (
+        -- LATERAL … LIMIT 1: one index probe per (professional, client) of the period, never a
+        -- scan of everything booked before it.
         SELECT pc.professional_id,
                count(*) AS unique_clients,
-               count(*) FILTER (WHERE EXISTS (
-                   SELECT 1 FROM bookings e
-                   WHERE e.client_id = pc.client_id
-                     AND e.professional_id = pc.professional_id
-                     AND e.scheduled_at < :start_at)) AS returning_clients,
+               count(*) FILTER (WHERE earlier.found) AS returning_clients,
                count(*) FILTER (WHERE pc.completed >= 2) AS retained_clients,
                count(*) FILTER (WHERE pc.completed >= 1) AS served_clients
         FROM professional_clients pc
+        LEFT JOIN LATERAL (
+            SELECT TRUE AS found FROM bookings e
+            WHERE {_in_scope(scope, "e")} AND e.client_id = pc.client_id
+              AND e.professional_id = pc.professional_id
+              AND e.scheduled_at < :start_at
+            LIMIT 1
+        ) AS earlier ON TRUE
         GROUP BY pc.professional_id
     ),
     ranked AS (

@@ -1,0 +1,80 @@
+"""The schema migrations: every table and named index exists, and downgrade works."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from service.config import Settings
+from service.db import downgrade, libpq_url, migrate, with_database
+from tests.conftest import create_database
+
+NAMED_INDEXES = {
+    "idx_bookings_scheduled_at_status",
+    "idx_bookings_professional_scheduled",
+    "idx_bookings_service_scheduled",
+    "idx_bookings_client_scheduled",
+    "idx_bookings_status_completed",
+    "idx_professionals_salon_active",
+    "idx_services_salon_category",
+    "idx_users_role_created",
+    "idx_audit_events_created_type",
+    "idx_audit_events_entity",
+}
+TABLES = {"salons", "users", "professionals", "services", "bookings", "audit_events"}
+
+
+def _schema(dsn: str) -> tuple[set[str], set[str], set[str]]:
+    with psycopg.connect(dsn) as connection:
+        tables = {
+            r[0]
+            for r in connection.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            )
+        }
+        indexes = {
+            r[0]
+            for r in connection.execute(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = 'public'"
+            )
+        }
+        triggers = {
+            r[0] for r in connection.execute("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")
+        }
+    return tables, indexes, triggers
+
+
+@pytest.fixture
+def scratch_url(base_settings: Settings, admin_dsn: str) -> str:
+    name = "salon_reports_migration_test"
+    create_database(admin_dsn, name)
+    return with_database(base_settings.database_url, name)
+
+
+def test_upgrade_creates_everything_and_downgrade_removes_it(scratch_url: str) -> None:
+    dsn = libpq_url(scratch_url)
+    migrate(scratch_url)
+    tables, indexes, triggers = _schema(dsn)
+    assert tables >= TABLES
+    assert indexes >= NAMED_INDEXES
+    assert {
+        "bookings_notify_insert",
+        "bookings_notify_update",
+        "bookings_notify_delete",
+        "bookings_notify_truncate",
+    } <= triggers
+
+    downgrade(scratch_url, "0001")
+    tables, indexes, triggers = _schema(dsn)
+    assert tables >= TABLES
+    assert not {t for t in triggers if t.startswith("bookings_notify")}
+
+    downgrade(scratch_url, "base")
+    tables, indexes, _ = _schema(dsn)
+    assert not tables & TABLES
+    assert not indexes & NAMED_INDEXES
+
+    migrate(scratch_url)  # and up again from nothing
+    tables, indexes, _ = _schema(dsn)
+    assert tables >= TABLES
+    assert indexes >= NAMED_INDEXES
