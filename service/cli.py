@@ -101,5 +101,20 @@ def token(
     )
 
 
+@app.command()
+def simulate(
+    url: Annotated[str, typer.Option(help="The service to exercise.")] = "http://127.0.0.1:8000",
+    rps: Annotated[float, typer.Option(min=0.1, max=500, help="Report requests a second.")] = 20,
+    writes_per_min: Annotated[
+        float, typer.Option(min=0, max=6000, help="Booking writes a minute, straight to SQL.")
+    ] = 30,
+    duration: Annotated[float, typer.Option(min=1, max=3600, help="Seconds to run.")] = 60,
+) -> None:
+    """Light, bounded traffic (Zipf report mix and booking writes) for the page and traces."""
+    from service.simulate import simulate as run_simulation
+
+    typer.echo(run_simulation(url=url, rps=rps, writes_per_min=writes_per_min, duration=duration))
+
+
 if __name__ == "__main__":
     app()

@@ -21,6 +21,7 @@ from service.errors import install_error_handlers
 from service.health import router as health_router
 from service.invalidation import InvalidationListener
 from service.performance import StatsPublisher
+from service.page import router as page_router
 from service.performance import router as performance_router
 from service.reports.endpoints import router as reports_router
 from service.reports.service import ReportService
@@ -170,6 +171,7 @@ def create_app(settings: Settings | None = None, telemetry: Telemetry | None = N
     app.include_router(health_router)
     app.include_router(reports_router)
     app.include_router(performance_router)
+    app.include_router(page_router)
     app.add_middleware(
         TelemetryMiddleware,
         tracer=telemetry.tracer,

@@ -1,0 +1,7 @@
+"""The built-in performance page (``GET /performance``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(tags=["operations"])
