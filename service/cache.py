@@ -214,6 +214,60 @@ class CircuitBreaker:
             self.opened_at = self.clock()
 
 
+class LocalTier:
+    """A bounded in-process copy of fresh entries, in front of Redis.
+
+    It is kept correct by the same invalidations as Redis: every worker's listener drops the
+    changed scopes here too, and an admin clear on any worker is broadcast to the others
+    (``NOTIFY report_cache_cleared``). A lookup remembers the tier's generation before it goes
+    to Redis and stores what it got only if no invalidation happened in between. Entries live
+    at most ``max_age`` seconds here (and never past their freshness), as a bound on any
+    invalidation this process might not hear of.
+    """
+
+    def __init__(
+        self, max_entries: int = 5000, max_age: float = 30.0, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.max_entries = max_entries
+        self.max_age = max_age
+        self.clock = clock
+        self.generation = 0
+        self._entries: dict[str, tuple[CacheEntry, float, str, str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: CacheKey) -> CacheEntry | None:
+        found = self._entries.get(key.key)
+        if found is None:
+            return None
+        entry, expires, _, _ = found
+        if expires <= self.clock():
+            self._entries.pop(key.key, None)
+            return None
+        return entry
+
+    def put(self, key: CacheKey, entry: CacheEntry, generation: int) -> None:
+        if generation != self.generation or self.max_entries <= 0:
+            return  # an invalidation happened since this lookup began
+        expires = min(entry.fresh_until, self.clock() + self.max_age)
+        if len(self._entries) >= self.max_entries and key.key not in self._entries:
+            del self._entries[next(iter(self._entries))]  # the oldest insertion
+        self._entries[key.key] = (entry, expires, key.tag, key.report)
+
+    def drop(self, tag: str | None = None, report: str | None = None) -> None:
+        """Forget one scope (or every scope), for one report or all."""
+        self.generation += 1
+        if tag is None and report is None:
+            self._entries.clear()
+            return
+        self._entries = {
+            name: value
+            for name, value in self._entries.items()
+            if not ((tag is None or value[2] == tag) and (report is None or value[3] == report))
+        }
+
+
 Compute = Callable[[], Awaitable[bytes]]
 Observer = Callable[[str, CacheResult], None]
 
@@ -230,9 +284,11 @@ class ReportCache:
         breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] = time.time,
         tracer: trace.Tracer | None = None,
+        local: LocalTier | None = None,
     ) -> None:
         self.redis = redis
         self.tracer = tracer or trace.NoOpTracer()
+        self.local = local if local is not None else LocalTier(max_entries=0)
         self.stale_grace = stale_grace
         self.lock_lease = lock_lease
         self.breaker = breaker or CircuitBreaker()
@@ -280,6 +336,10 @@ class ReportCache:
             outcome = await self._single_flight(key.key, lambda: self._compute(compute, ttl))
             outcome.result = CacheResult.BYPASS
             return outcome
+        generation = self.local.generation
+        local = self.local.get(key)
+        if local is not None:
+            return Outcome(local, CacheResult.HIT, cache_ms=(time.perf_counter() - started) * 1000)
         try:
             raw = await self._call(self.redis.get(key.key))  # type: ignore[union-attr]
         except (TimeoutError, RedisError, OSError):
@@ -291,11 +351,14 @@ class ReportCache:
         if raw is not None:
             entry = CacheEntry.decode(raw)
             if entry.fresh_until > self.clock():
+                self.local.put(key, entry, generation)
                 return Outcome(entry, CacheResult.HIT, cache_ms=cache_ms)
             self._refresh_in_background(key, ttl, compute)
             return Outcome(entry, CacheResult.STALE, cache_ms=cache_ms)
         outcome = await self._single_flight(key.key, lambda: self._fill(key, ttl, compute))
         outcome.cache_ms += cache_ms
+        if outcome.result in (CacheResult.MISS, CacheResult.HIT):
+            self.local.put(key, outcome.entry, generation)
         return outcome
 
     async def _single_flight(self, name: str, make: Callable[[], Awaitable[Outcome]]) -> Outcome:
@@ -457,6 +520,7 @@ class ReportCache:
 
     async def invalidate(self, salon_id: int | None, report: str | None = None) -> int:
         """Drop one scope's entries (all reports, or one); returns how many went."""
+        self.local.drop(scope_tag(salon_id), report)
         if self.redis is None or self._invalidate is None:
             return 0
         reports = REPORTS if report is None else (report,)
@@ -489,6 +553,7 @@ class ReportCache:
         Epoch counters are incremented rather than deleted, so that a computation in flight
         cannot store what it read before the clear.
         """
+        self.local.drop(None, report)
         redis = self.redis
         if redis is None:
             return 0
@@ -527,7 +592,8 @@ class ReportCache:
         return deleted
 
     async def close(self) -> None:
+        """Let background refreshes finish (briefly), then abandon them."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=5)
         for task in list(self._background):
             task.cancel()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     redis_breaker_threshold: int = Field(3, alias="REPORTS_REDIS_BREAKER_THRESHOLD", ge=1)
     redis_breaker_cooldown: float = Field(5.0, alias="REPORTS_REDIS_BREAKER_COOLDOWN", gt=0)
     cache_lock_lease: float = Field(15.0, alias="REPORTS_CACHE_LOCK_LEASE", gt=0)
+    cache_local_entries: int = Field(5000, alias="REPORTS_CACHE_LOCAL_ENTRIES", ge=0)
+    cache_local_max_age: float = Field(30.0, alias="REPORTS_CACHE_LOCAL_MAX_AGE", gt=0)
     jaeger_url: str = Field("http://localhost:16686", alias="REPORTS_JAEGER_URL")
 
     @property

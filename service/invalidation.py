@@ -12,16 +12,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 
 import psycopg
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.cache import ReportCache
+from service.cache import ReportCache, scope_tag
 
 logger = logging.getLogger("service.invalidation")
 
 CHANNEL = "bookings_changed"
+CLEARED_CHANNEL = "report_cache_cleared"  # admin clears, for the other workers' local tiers
 _STOP = "\x00stop"
 _BROKEN = "\x00broken"
+
+
+async def broadcast_clear(engine: AsyncEngine, report: str | None, salon_id: int | None) -> None:
+    """Tell every worker's local tier about an admin clear (through PostgreSQL NOTIFY)."""
+    payload = f"{report or '*'}:{'*' if salon_id is None else salon_id}"
+    async with engine.connect() as connection:
+        await connection.execute(
+            text("SELECT pg_notify(:channel, :payload)").execution_options(
+                query_name="cache.broadcast_clear"
+            ),
+            {"channel": CLEARED_CHANNEL, "payload": payload},
+        )
+        await connection.commit()
 
 
 def parse_payload(payload: str) -> set[int] | None:
@@ -48,6 +65,7 @@ class InvalidationListener:
         self._task: asyncio.Task[None] | None = None
         self._connection: psycopg.AsyncConnection | None = None
         self._stopping = asyncio.Event()
+        self._markers: dict[str, asyncio.Event] = {}
         self._payloads: asyncio.Queue[str] = asyncio.Queue()
 
     def start(self) -> None:
@@ -91,6 +109,7 @@ class InvalidationListener:
                 ) as connection:
                     self._connection = connection
                     await connection.execute(f"LISTEN {CHANNEL}")
+                    await connection.execute(f"LISTEN {CLEARED_CHANNEL}")
                     if not first:
                         # Notifications sent while we were away are lost: start clean.
                         self.reconnects += 1
@@ -130,7 +149,11 @@ class InvalidationListener:
                 payloads.put_nowait(_BROKEN)
                 return
             while (notification := pgconn.notifies()) is not None:
-                payloads.put_nowait(notification.extra.decode())
+                payload = notification.extra.decode()
+                if notification.relname == CLEARED_CHANNEL.encode():
+                    self._drop_local(payload)
+                else:
+                    payloads.put_nowait(payload)
 
         fd = pgconn.socket
         loop.add_reader(fd, on_readable)
@@ -146,7 +169,38 @@ class InvalidationListener:
         finally:
             loop.remove_reader(fd)
 
+    async def settle(self, timeout: float = 5.0) -> None:
+        """Wait until every notification sent before this call has been applied.
+
+        Sends a marker down the same channel; notifications arrive in order, so once the
+        marker is seen, everything before it was handled. (Tests use it before counting.)
+        """
+        marker = f"settle:{uuid.uuid4().hex}"
+        seen = asyncio.Event()
+        self._markers[marker] = seen
+        try:
+            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+                await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, marker))
+            await asyncio.wait_for(seen.wait(), timeout)
+        finally:
+            self._markers.pop(marker, None)
+
+    def _drop_local(self, payload: str) -> None:
+        """``<report or *>:<salon id, p or *>`` from an admin clear on some worker."""
+        report, _, salon = payload.partition(":")
+        report_name = None if report == "*" else report
+        if salon == "*":
+            self.cache.local.drop(None, report_name)
+        else:
+            self.cache.local.drop(scope_tag(None if salon == "p" else int(salon)), report_name)
+
     async def _apply(self, payload: str) -> None:
+        marker = self._markers.get(payload)
+        if marker is not None:
+            marker.set()
+            return
+        if payload.startswith("settle:"):
+            return
         salon_ids = parse_payload(payload)
         try:
             if salon_ids is None:

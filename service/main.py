@@ -13,15 +13,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
 from service import __version__
-from service.cache import CircuitBreaker, ReportCache
+from service.cache import CircuitBreaker, LocalTier, ReportCache
 from service.config import Settings, get_settings
 from service.db import async_engine, libpq_url
 from service.deps import Resources
 from service.errors import install_error_handlers
 from service.health import router as health_router
 from service.invalidation import InvalidationListener
-from service.performance import StatsPublisher
 from service.page import router as page_router
+from service.performance import StatsPublisher
 from service.performance import router as performance_router
 from service.reports.endpoints import router as reports_router
 from service.reports.service import ReportService
@@ -100,6 +100,7 @@ async def start_resources(settings: Settings, telemetry: Telemetry) -> Resources
             cooldown=settings.redis_breaker_cooldown,
         ),
         tracer=telemetry.tracer,
+        local=LocalTier(settings.cache_local_entries, settings.cache_local_max_age),
     )
     listener = None
     publisher = None

@@ -53,23 +53,26 @@ class StatsPublisher:
         self.redis = redis
         self.telemetry = telemetry
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="stats-publisher")
 
     async def stop(self) -> None:
+        # A flag, not cancel(): a cancellation landing inside a redis-py call can be swallowed,
+        # and the task would then never end.
+        self._stopping.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
         with contextlib.suppress(Exception):
             await self.redis.hdel(STATS_KEY, self.telemetry.instance_id)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             with contextlib.suppress(Exception):
                 await self.publish()
-            await asyncio.sleep(PUBLISH_INTERVAL_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), PUBLISH_INTERVAL_SECONDS)
 
     async def publish(self) -> None:
         payload = orjson.dumps({"at": time.time(), "snapshot": local_snapshot(self.telemetry)})

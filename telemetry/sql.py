@@ -58,6 +58,7 @@ class SqlTelemetry:
         # ours must see the statement's span before the instrumentation's hook ends it.
         event.listen(engine, "before_cursor_execute", self._before)
         event.listen(engine, "after_cursor_execute", self._after)
+        event.listen(engine, "handle_error", self._failed)
         unused = NoOpMeterProvider().get_meter("unused").create_up_down_counter("unused")
         self._tracer = EngineTracer(  # type: ignore[no-untyped-call]
             tracer_provider.get_tracer("opentelemetry.instrumentation.sqlalchemy"),
@@ -68,6 +69,7 @@ class SqlTelemetry:
     def detach(self) -> None:
         event.remove(self.engine, "before_cursor_execute", self._before)
         event.remove(self.engine, "after_cursor_execute", self._after)
+        event.remove(self.engine, "handle_error", self._failed)
         for identifier, listener in (
             ("before_cursor_execute", self._tracer._before_cur_exec),
             ("after_cursor_execute", _after_cur_exec),
@@ -86,15 +88,24 @@ class SqlTelemetry:
     ) -> None:
         context._reports_started = time.perf_counter()
 
+    def _failed(self, exception_context: Any) -> None:
+        """A statement that failed (a statement timeout, say) still took its time: record it."""
+        context = exception_context.execution_context
+        if context is None:
+            return
+        self._after(None, None, exception_context.statement or "", None, context, False)
+
     def _after(
         self, _conn: Any, cursor: Any, statement: str, _params: Any, context: Any, _many: bool
     ) -> None:
         started = getattr(context, "_reports_started", None)
         if started is None:
             return
+        context._reports_started = None  # once per statement, whether it succeeded or not
         seconds = time.perf_counter() - started
         name = str(context.execution_options.get("query_name") or UNNAMED_QUERY)
-        rows = cursor.rowcount if isinstance(cursor.rowcount, int) else -1
+        rowcount = getattr(cursor, "rowcount", None)
+        rows = rowcount if isinstance(rowcount, int) else -1
         labels = {attr.DB_SYSTEM_NAME: attr.POSTGRESQL, attr.DB_QUERY_SUMMARY: name}
         self.instruments.db_duration.record(seconds, labels)
         if rows >= 0:

@@ -145,6 +145,9 @@ def app_settings(base: Settings, database_url: str, redis_url: str, **overrides:
             "read_database_url": None,
             "redis_url": redis_url,
             "environment": "test",
+            # CI machines are shared and noisy: a Redis call must not time out and trip the
+            # circuit breaker in a test that is not about it.
+            "redis_timeout": 2.0,
             **overrides,
         }
     )

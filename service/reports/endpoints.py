@@ -14,6 +14,7 @@ from service.auth import Principal
 from service.cache import CacheResult, Outcome
 from service.deps import AdminDep, PrincipalDep, ReportServiceDep, ResourcesDep
 from service.errors import APIError
+from service.invalidation import broadcast_clear
 from service.reports.params import (
     MAX_PERIOD_DAYS,
     BookingFilters,
@@ -241,4 +242,5 @@ async def clear_cache(
         deleted = await cache.invalidate(request.salon_id, request.report)
     else:
         deleted = await cache.clear_all(request.report)
+    await broadcast_clear(resources.engine, request.report, request.salon_id)
     return CacheClearResponse(deleted=deleted)
