@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DEMO_BOOKINGS ?= 200000
 
-.PHONY: run test services stop lint bench loadtest install ops-tools clean
+.PHONY: run test services stop lint bench loadtest install ops-tools browser-tools clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,13 +28,17 @@ stop:
 ops-tools:
 	@scripts/ops-tools.sh
 
+# Headless Chromium and its driver for the performance page's browser test (Debian packages).
+browser-tools:
+	@scripts/browser-tools.sh
+
 run: install services
 	@$(BIN)/salon-reports migrate
 	@$(BIN)/salon-reports seed --if-empty --bookings $(DEMO_BOOKINGS) --salons 40 --days 400
 	@scripts/banner.sh $(HOST) $(PORT)
 	@$(BIN)/salon-reports serve --host $(HOST) --port $(PORT)
 
-test: install services ops-tools
+test: install services ops-tools browser-tools
 	$(BIN)/pytest
 
 lint: install

@@ -22,5 +22,7 @@ cat <<MSG
   try:
     curl -s -H "Authorization: Bearer $TOKEN" "http://$HOST:$PORT/api/v1/optimized-reports/dashboard?salon_id=$SALON" | python3 -m json.tool
   owner token for salon $SALON:  .venv/bin/salon-reports token --role owner --salon $SALON
+  performance page:  http://$HOST:$PORT/performance   (paste the admin token above)
+  some traffic:      .venv/bin/salon-reports simulate --duration 120   (in another terminal)
 
 MSG

@@ -29,7 +29,14 @@ from service.deps import Resources
 from service.main import create_app, start_resources, stop_resources
 from telemetry.setup import Telemetry, configure
 
-TABLES = ("audit_events", "bookings", "services", "professionals", "users", "salons")
+TABLES = (
+    "audit_events",
+    "bookings",
+    "services",
+    "professionals",
+    "users",
+    "salons",
+)
 
 
 def _worker_suffix() -> str:

@@ -77,6 +77,19 @@ def _dates(items: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
     return items
 
 
+def _new_clients(scope: Scope) -> str:
+    """Clients whose first booking in scope falls in the period (migration 0003's tables)."""
+    if scope.is_platform:
+        return """
+            SELECT count(*) AS new_clients FROM client_first_bookings f
+            WHERE f.first_at >= :start_at AND f.first_at < :end_at
+        """
+    return """
+        SELECT count(*) AS new_clients FROM salon_client_first_bookings f
+        WHERE f.salon_id = :salon_id AND f.first_at >= :start_at AND f.first_at < :end_at
+    """
+
+
 def dashboard_sql(scope: Scope) -> str:
     return f"""
     WITH period AS MATERIALIZED ({
@@ -89,41 +102,37 @@ def dashboard_sql(scope: Scope) -> str:
     totals AS (
         SELECT count(*) AS bookings_total,
                {_STATUS_COUNTS},
-               {_REVENUE} AS revenue_cents,
-               count(DISTINCT client_id) AS unique_clients
+               {_REVENUE} AS revenue_cents
         FROM period
     ),
-    new_clients AS (
-        SELECT count(*) AS new_clients
-        FROM (SELECT DISTINCT client_id FROM period) AS c
-        WHERE NOT EXISTS (
-            SELECT 1 FROM bookings e
-            WHERE {_in_scope(scope, "e")} AND e.client_id = c.client_id
-              AND e.scheduled_at < :start_at
-        )
+    clients AS (
+        SELECT count(*) AS unique_clients FROM (SELECT client_id FROM period GROUP BY client_id) c
     ),
+    new_clients AS ({_new_clients(scope)}),
     top_services AS (
-        SELECT p.service_id, s.name, count(*) AS bookings,
-               coalesce(sum(p.price_cents) FILTER (WHERE p.status = 'completed'), 0)
-                   AS revenue_cents
-        FROM period p JOIN services s ON s.id = p.service_id
-        GROUP BY p.service_id, s.name
-        ORDER BY bookings DESC, revenue_cents DESC, p.service_id
-        LIMIT 5
+        SELECT p.service_id, s.name, p.bookings, p.revenue_cents
+        FROM (
+            SELECT service_id, count(*) AS bookings, {_REVENUE} AS revenue_cents
+            FROM period GROUP BY service_id
+            ORDER BY bookings DESC, revenue_cents DESC, service_id
+            LIMIT 5
+        ) p
+        JOIN services s ON s.id = p.service_id
     ),
-    days AS (
-        SELECT generate_series(CAST(:start_date AS date), CAST(:end_date AS date),
-                               interval '1 day')::date AS day
+    per_day AS (
+        SELECT day, count(*) AS bookings,
+               count(*) FILTER (WHERE status = 'completed') AS completed,
+               {_REVENUE} AS revenue_cents
+        FROM period GROUP BY day
     ),
     daily AS (
-        SELECT d.day, count(p.day) AS bookings,
-               count(*) FILTER (WHERE p.status = 'completed') AS completed,
-               coalesce(sum(p.price_cents) FILTER (WHERE p.status = 'completed'), 0)
-                   AS revenue_cents
-        FROM days d LEFT JOIN period p ON p.day = d.day
-        GROUP BY d.day
+        SELECT d.day, coalesce(p.bookings, 0) AS bookings, coalesce(p.completed, 0) AS completed,
+               coalesce(p.revenue_cents, 0) AS revenue_cents
+        FROM generate_series(CAST(:start_date AS date), CAST(:end_date AS date),
+                             interval '1 day') AS d(day)
+        LEFT JOIN per_day p ON p.day = d.day::date
     )
-    SELECT t.*, n.new_clients,
+    SELECT t.*, c.unique_clients, n.new_clients,
            round(t.completed::numeric / nullif(t.bookings_total, 0), 4) AS completion_rate,
            round(t.cancelled::numeric / nullif(t.bookings_total, 0), 4) AS cancellation_rate,
            round(t.no_show::numeric / nullif(t.bookings_total, 0), 4) AS no_show_rate,
@@ -134,10 +143,10 @@ def dashboard_sql(scope: Scope) -> str:
                     ORDER BY bookings DESC, revenue_cents DESC, service_id), '[]')
             FROM top_services) AS top_services,
            (SELECT json_agg(json_build_object(
-                        'date', day, 'bookings', bookings, 'completed', completed,
+                        'date', day::date, 'bookings', bookings, 'completed', completed,
                         'revenue_cents', revenue_cents) ORDER BY day)
             FROM daily) AS daily
-    FROM totals t CROSS JOIN new_clients n
+    FROM totals t CROSS JOIN clients c CROSS JOIN new_clients n
     """
 
 
@@ -181,34 +190,39 @@ def bookings_sql(scope: Scope, filters: BookingFilters) -> str:
             " ".join(conditions),
         )
     }),
-    buckets AS (
-        SELECT generate_series(date_trunc(:unit, CAST(:start_date AS timestamp)),
-                               CAST(:end_date AS timestamp),
-                               CAST('1 ' || :unit AS interval))::date AS bucket_start
+    per_bucket AS (
+        SELECT date_trunc(:unit, local_at)::date AS bucket_start, count(*) AS bookings,
+               count(*) FILTER (WHERE status = 'completed') AS completed,
+               count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+               count(*) FILTER (WHERE status = 'no_show') AS no_show,
+               {_REVENUE} AS revenue_cents
+        FROM period GROUP BY 1
     ),
     series AS (
-        SELECT k.bucket_start, count(p.local_at) AS bookings,
-               count(*) FILTER (WHERE p.status = 'completed') AS completed,
-               count(*) FILTER (WHERE p.status = 'cancelled') AS cancelled,
-               count(*) FILTER (WHERE p.status = 'no_show') AS no_show,
-               coalesce(sum(p.price_cents) FILTER (WHERE p.status = 'completed'), 0)
-                   AS revenue_cents
-        FROM buckets k
-        LEFT JOIN period p ON date_trunc(:unit, p.local_at)::date = k.bucket_start
-        GROUP BY k.bucket_start
+        SELECT k.bucket_start::date AS bucket_start, coalesce(p.bookings, 0) AS bookings,
+               coalesce(p.completed, 0) AS completed, coalesce(p.cancelled, 0) AS cancelled,
+               coalesce(p.no_show, 0) AS no_show, coalesce(p.revenue_cents, 0) AS revenue_cents
+        FROM generate_series(date_trunc(:unit, CAST(:start_date AS timestamp)),
+                             CAST(:end_date AS timestamp),
+                             CAST('1 ' || :unit AS interval)) AS k(bucket_start)
+        LEFT JOIN per_bucket p ON p.bucket_start = k.bucket_start::date
     ),
     by_category AS (
-        SELECT s.category, count(*) AS bookings,
-               coalesce(sum(p.price_cents) FILTER (WHERE p.status = 'completed'), 0)
-                   AS revenue_cents
-        FROM period p JOIN services s ON s.id = p.service_id
+        SELECT s.category, sum(p.bookings) AS bookings, sum(p.revenue_cents) AS revenue_cents
+        FROM (
+            SELECT service_id, count(*) AS bookings, {_REVENUE} AS revenue_cents
+            FROM period GROUP BY service_id
+        ) p
+        JOIN services s ON s.id = p.service_id
         GROUP BY s.category
     ),
+    per_hour AS (
+        SELECT extract(hour FROM local_at)::int AS hour, count(*) AS bookings
+        FROM period GROUP BY 1
+    ),
     by_hour AS (
-        SELECT h.hour, count(p.local_at) AS bookings
-        FROM generate_series(0, 23) AS h(hour)
-        LEFT JOIN period p ON extract(hour FROM p.local_at) = h.hour
-        GROUP BY h.hour
+        SELECT h.hour, coalesce(p.bookings, 0) AS bookings
+        FROM generate_series(0, 23) AS h(hour) LEFT JOIN per_hour p ON p.hour = h.hour
     )
     SELECT
         (SELECT json_agg(json_build_object(
@@ -275,22 +289,24 @@ def professionals_sql(scope: Scope) -> str:
         GROUP BY professional_id, client_id
     ),
     client_stats AS (
-        -- LATERAL … LIMIT 1: one index probe per (professional, client) of the period, never a
-        -- scan of everything booked before it.
-        SELECT pc.professional_id,
+        SELECT professional_id,
                count(*) AS unique_clients,
-               count(*) FILTER (WHERE earlier.found) AS returning_clients,
-               count(*) FILTER (WHERE pc.completed >= 2) AS retained_clients,
-               count(*) FILTER (WHERE pc.completed >= 1) AS served_clients
-        FROM professional_clients pc
-        LEFT JOIN LATERAL (
-            SELECT TRUE AS found FROM bookings e
-            WHERE {_in_scope(scope, "e")} AND e.client_id = pc.client_id
-              AND e.professional_id = pc.professional_id
-              AND e.scheduled_at < :start_at
-            LIMIT 1
-        ) AS earlier ON TRUE
-        GROUP BY pc.professional_id
+               count(*) FILTER (WHERE completed >= 2) AS retained_clients,
+               count(*) FILTER (WHERE completed >= 1) AS served_clients
+        FROM professional_clients
+        GROUP BY professional_id
+    ),
+    new_to_professional AS (
+        -- clients whose first booking with the professional falls in the period
+        -- (migration 0003); the others of the period are returning
+        SELECT f.professional_id, count(*) AS new_clients
+        FROM professional_client_first_bookings f
+        WHERE f.first_at >= :start_at AND f.first_at < :end_at {
+        ""
+        if scope.is_platform
+        else "AND f.professional_id IN (SELECT id FROM professionals WHERE salon_id = :salon_id)"
+    }
+        GROUP BY f.professional_id
     ),
     ranked AS (
         SELECT pr.id AS professional_id, pr.name,
@@ -300,13 +316,15 @@ def professionals_sql(scope: Scope) -> str:
                coalesce(pp.no_show, 0) AS no_show,
                coalesce(pp.revenue_cents, 0) AS revenue_cents,
                coalesce(cs.unique_clients, 0) AS unique_clients,
-               coalesce(cs.returning_clients, 0) AS returning_clients,
+               coalesce(cs.unique_clients, 0) - coalesce(nc.new_clients, 0)
+                   AS returning_clients,
                coalesce(round(cs.retained_clients::numeric / nullif(cs.served_clients, 0), 4), 0)
                    AS client_retention_rate,
                rank() OVER (ORDER BY coalesce(pp.revenue_cents, 0) DESC) AS revenue_rank
         FROM professionals pr
         LEFT JOIN per_professional pp ON pp.professional_id = pr.id
         LEFT JOIN client_stats cs ON cs.professional_id = pr.id
+        LEFT JOIN new_to_professional nc ON nc.professional_id = pr.id
         WHERE {pro_scope} AND (pr.is_active OR pp.professional_id IS NOT NULL)
     )
     SELECT * FROM ranked

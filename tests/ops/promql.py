@@ -279,7 +279,12 @@ def _expand(series: str) -> list[str]:
 def contract(path: Path = CONTRACT_FILE) -> Contract:
     series: dict[str, frozenset[str]] = {}
     values: dict[str, frozenset[str]] = {}
-    for line in path.read_text().splitlines():
+    text = path.read_text()
+    # only the "## Metrics" section: other tables (spans, …) are not metrics
+    start = text.index("## Metrics")
+    end = text.find("\n## ", start + 1)
+    section = text[start : end if end != -1 else len(text)]
+    for line in section.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         if len(cells) != 4 or not cells[2].startswith("`"):
             continue
