@@ -497,15 +497,17 @@ async def test_no_email_token_or_name_in_spans_metrics_or_logs(
 async def test_a_statement_cut_by_its_timeout_is_still_measured(
     base_settings: Settings, database_url: str, data: dict[str, int], redis_url: str
 ) -> None:
-    settings = app_settings(base_settings, database_url, redis_url, statement_timeout_ms=100,
-                            slow_query_ms=50)
+    settings = app_settings(
+        base_settings, database_url, redis_url, statement_timeout_ms=100, slow_query_ms=50
+    )
     async with RunningApi(settings) as api:
         engine = api.resources.read_engine
 
         async def sleepy() -> dict[str, str]:
             async with engine.connect() as connection:
                 await connection.execute(
-                    text("SELECT pg_sleep(1)").execution_options(query_name="test.sleep"))
+                    text("SELECT pg_sleep(1)").execution_options(query_name="test.sleep")
+                )
             return {}
 
         api.app.add_api_route("/sleepy", sleepy)
