@@ -12,11 +12,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 from fastapi import APIRouter
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from starlette.responses import Response
 
@@ -28,6 +31,8 @@ from telemetry.stats import StatsAggregator, merge_snapshots, render
 logger = logging.getLogger("service.performance")
 
 STATS_KEY = "sr:stats:workers"
+METRICS_KEY = "sr:metrics:workers"
+WORKER_LABEL = "worker"
 PUBLISH_INTERVAL_SECONDS = 2.0
 FRESH_FOR_SECONDS = 15.0
 
@@ -66,6 +71,7 @@ class StatsPublisher:
             await self._task
         with contextlib.suppress(Exception):
             await self.redis.hdel(STATS_KEY, self.telemetry.instance_id)
+            await self.redis.hdel(METRICS_KEY, self.telemetry.instance_id)
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
@@ -75,20 +81,29 @@ class StatsPublisher:
                 await asyncio.wait_for(self._stopping.wait(), PUBLISH_INTERVAL_SECONDS)
 
     async def publish(self) -> None:
-        payload = orjson.dumps({"at": time.time(), "snapshot": local_snapshot(self.telemetry)})
+        now = time.time()
+        payload = orjson.dumps({"at": now, "snapshot": local_snapshot(self.telemetry)})
+        exposition = orjson.dumps(
+            {"at": now, "text": generate_latest(self.telemetry.registry).decode()}
+        )
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(STATS_KEY, self.telemetry.instance_id, payload)
             pipe.expire(STATS_KEY, int(FRESH_FOR_SECONDS * 4))
+            pipe.hset(METRICS_KEY, self.telemetry.instance_id, exposition)
+            pipe.expire(METRICS_KEY, int(FRESH_FOR_SECONDS * 4))
             await pipe.execute()
 
 
-async def other_workers(redis: Redis, instance_id: str) -> list[dict[str, Any]]:
-    entries = await redis.hgetall(STATS_KEY)
+async def other_workers(
+    redis: Redis, instance_id: str, key: str = STATS_KEY, field: str = "snapshot"
+) -> list[tuple[str, Any]]:
+    """The fresh publications of the other workers (and forget the ones gone quiet)."""
+    entries = await redis.hgetall(key)
     now = time.time()
     snapshots = []
     stale = []
-    for field, raw in entries.items():
-        name = field.decode() if isinstance(field, bytes) else str(field)
+    for worker, raw in entries.items():
+        name = worker.decode() if isinstance(worker, bytes) else str(worker)
         if name == instance_id:
             continue
         try:
@@ -99,9 +114,9 @@ async def other_workers(redis: Redis, instance_id: str) -> list[dict[str, Any]]:
         if now - float(published.get("at", 0)) > FRESH_FOR_SECONDS:
             stale.append(name)  # a worker that stopped without saying goodbye
             continue
-        snapshots.append(published["snapshot"])
+        snapshots.append((name, published[field]))
     if stale:
-        await redis.hdel(STATS_KEY, *stale)
+        await redis.hdel(key, *stale)
     return snapshots
 
 
@@ -116,9 +131,10 @@ async def performance_stats(_: OperatorDep, resources: ResourcesDep) -> Response
         partial = True
     else:
         try:
-            snapshots += await asyncio.wait_for(
+            published = await asyncio.wait_for(
                 other_workers(redis, telemetry.instance_id), timeout=1.0
             )
+            snapshots += [snapshot for _, snapshot in published]
         except Exception:
             partial = True
     stats: StatsAggregator = telemetry.stats
@@ -128,7 +144,42 @@ async def performance_stats(_: OperatorDep, resources: ResourcesDep) -> Response
     )
 
 
+class _Combined:
+    """A collector replaying several workers' expositions, each series labelled by worker."""
+
+    def __init__(self, expositions: list[tuple[str, str]]) -> None:
+        self.expositions = expositions
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for worker, text in self.expositions:
+            for family in text_string_to_metric_families(text):
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = Metric(family.name, family.documentation, family.type, family.unit)
+                    families[family.name] = merged
+                for sample in family.samples:
+                    labels = {**sample.labels, WORKER_LABEL: worker}
+                    merged.samples.append(sample._replace(labels=labels))
+        yield from families.values()
+
+
 @router.get("/metrics", include_in_schema=False)
 async def metrics(resources: ResourcesDep) -> Response:
-    """Prometheus exposition of this worker's OpenTelemetry metrics."""
-    return Response(generate_latest(resources.telemetry.registry), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus exposition of every worker's metrics, each series labelled ``worker``.
+
+    With several workers one port is served by any of them; each scrape must see them all, or
+    counters would seem to jump back and forth. Other workers' expositions come from Redis
+    (published every 2 s); without Redis, this worker's alone.
+    """
+    telemetry = resources.telemetry
+    expositions = [(telemetry.instance_id, generate_latest(telemetry.registry).decode())]
+    redis = resources.cache.redis
+    if redis is not None:
+        with contextlib.suppress(Exception):
+            expositions += await asyncio.wait_for(
+                other_workers(redis, telemetry.instance_id, METRICS_KEY, "text"), timeout=1.0
+            )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Combined(expositions))
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

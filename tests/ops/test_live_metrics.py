@@ -42,7 +42,9 @@ from tests.support import redis_process
 PREFIX = "/api/v1/optimized-reports"
 CACHED_REPORTS = ("dashboard", "bookings", "professionals")
 # Labels the OpenTelemetry Prometheus exporter puts on every series (instrumentation scope).
-EXPORTER_LABELS = frozenset({"otel_scope_name", "otel_scope_version", "otel_scope_schema_url"})
+EXPORTER_LABELS = frozenset(
+    {"otel_scope_name", "otel_scope_version", "otel_scope_schema_url", "worker"}
+)
 
 
 @dataclass

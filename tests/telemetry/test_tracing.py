@@ -521,3 +521,26 @@ async def test_a_statement_cut_by_its_timeout_is_still_measured(
     assert query["slow_calls"] == 1
     assert query["max_ms"] >= 90
     assert 'db_query_summary="test.sleep"' in exposition
+
+
+async def test_metrics_of_every_worker_are_served_by_any_worker(
+    base_settings: Settings, database_url: str, data: dict[str, int], redis_url: str
+) -> None:
+    settings = app_settings(base_settings, database_url, redis_url)
+    async with RunningApi(settings) as one, RunningApi(settings) as two:
+        for _ in range(3):
+            await two.get("/healthz")
+        publisher = two.resources.publisher
+        assert publisher is not None
+        await publisher.publish()
+        exposition = (await one.get("/metrics")).text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = {}
+    for family in text_string_to_metric_families(exposition):
+        if family.name == "http_server_request_duration_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_count") and sample.labels["http_route"] == "/healthz":
+                    counts[sample.labels["worker"]] = sample.value
+    assert counts == {two.resources.telemetry.instance_id: 3.0}, exposition[:3000]
+    assert exposition.count("# TYPE http_server_request_duration_seconds histogram") == 1
