@@ -50,7 +50,9 @@ def async_engine(
         pool_pre_ping=False,
         pool_recycle=1800,
         connect_args={
-            "options": f"-c statement_timeout={statement_timeout_ms}",
+            # JIT compilation costs 35-85 ms on the big platform-wide aggregations and wins
+            # nothing back at this size; hash aggregates of a year of bookings want memory.
+            "options": f"-c statement_timeout={statement_timeout_ms} -c jit=off -c work_mem=64MB",
             "application_name": application_name,
             "connect_timeout": 5,
         },
