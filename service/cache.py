@@ -303,11 +303,6 @@ class ReportCache:
 
     # -- availability -------------------------------------------------------------------
 
-    @property
-    def usable(self) -> bool:
-        """Whether requests may read and write Redis right now."""
-        return self.redis is not None and self.listener_healthy and self.breaker.allow()
-
     async def _call(self, operation: Awaitable[Any]) -> Any:
         try:
             value = await operation
@@ -332,14 +327,17 @@ class ReportCache:
 
     async def _fetch(self, key: CacheKey, ttl: float, compute: Compute) -> Outcome:
         started = time.perf_counter()
-        if not self.usable:
+        trusted = self.redis is not None and self.listener_healthy
+        generation = self.local.generation
+        local = self.local.get(key) if trusted else None
+        if local is not None:
+            return Outcome(local, CacheResult.HIT, cache_ms=(time.perf_counter() - started) * 1000)
+        # Consult the breaker only when Redis will really be called: a half-open breaker lets
+        # one probe through, and that probe must reach Redis to close it again.
+        if not (trusted and self.breaker.allow()):
             outcome = await self._single_flight(key.key, lambda: self._compute(compute, ttl))
             outcome.result = CacheResult.BYPASS
             return outcome
-        generation = self.local.generation
-        local = self.local.get(key)
-        if local is not None:
-            return Outcome(local, CacheResult.HIT, cache_ms=(time.perf_counter() - started) * 1000)
         try:
             raw = await self._call(self.redis.get(key.key))  # type: ignore[union-attr]
         except (TimeoutError, RedisError, OSError):

@@ -519,3 +519,30 @@ async def test_the_local_tier_serves_without_redis_round_trips(
     after = int(client.info("stats")["total_commands_processed"])
     # the INFO call itself and the stats publisher may run; 20 GETs would show
     assert after - before < 10
+
+
+async def test_the_breaker_closes_again_while_the_local_tier_answers(
+    base_settings: Settings, database_url: str, data: dict[str, int]
+) -> None:
+    with redis_process() as server:
+        settings = app_settings(base_settings, database_url, server.url, redis_breaker_cooldown=0.3)
+        async with RunningApi(settings) as api:
+            await settled(api)
+            salon = data["lisbon"]
+            await api.report("dashboard", salon_id=salon)  # now in the local tier
+            server.kill()
+            for _ in range(4):  # misses that need Redis: the breaker opens
+                response = await api.report("bookings", salon_id=salon)
+                assert response.headers["x-cache"] == "BYPASS"
+            assert api.resources.cache.breaker.is_open
+            server.start()
+            await asyncio.sleep(0.4)  # past the cooldown: the next Redis call is the probe
+            local = await api.report("dashboard", salon_id=salon)
+            assert local.headers["x-cache"] == "HIT"  # answered locally, no probe spent
+
+            async def bookings_cached_again() -> bool:
+                response = await api.report("bookings", salon_id=salon)
+                return response.headers["x-cache"] in ("MISS", "HIT")
+
+            await _wait_for(bookings_cached_again, timeout=3.0)
+            assert not api.resources.cache.breaker.is_open
