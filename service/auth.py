@@ -22,6 +22,7 @@ class Principal:
     subject: str
     role: Role
     salon_ids: frozenset[int]
+    expires_at: float = 0.0
 
     @property
     def scope_key(self) -> str:
@@ -74,4 +75,29 @@ def decode_token(secret: str, token: str) -> Principal:
         salon_ids = frozenset(raw_ids)
     else:
         salon_ids = frozenset()
-    return Principal(subject=subject, role=role, salon_ids=salon_ids)
+    return Principal(
+        subject=subject, role=role, salon_ids=salon_ids, expires_at=float(claims["exp"])
+    )
+
+
+class TokenVerifier:
+    """Verifies tokens, remembering each verified one until it expires.
+
+    The same string carries the same signature, so a token verified once need not be verified
+    again; its expiry is still checked on every use. Bounded: the memory is dropped when full.
+    """
+
+    def __init__(self, secret: str, max_entries: int = 10_000) -> None:
+        self.secret = secret
+        self.max_entries = max_entries
+        self._verified: dict[str, Principal] = {}
+
+    def verify(self, token: str) -> Principal:
+        known = self._verified.get(token)
+        if known is not None and known.expires_at > time.time():
+            return known
+        principal = decode_token(self.secret, token)
+        if len(self._verified) >= self.max_entries:
+            self._verified.clear()
+        self._verified[token] = principal
+        return principal

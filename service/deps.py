@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.auth import InvalidToken, Principal, decode_token
+from service.auth import InvalidToken, Principal, TokenVerifier
 from service.cache import ReportCache
 from service.config import Settings
 from service.errors import APIError
@@ -33,11 +33,14 @@ class Resources:
     reports: ReportService
     listener: InvalidationListener | None
     telemetry: Telemetry
+    tokens: TokenVerifier
     publisher: StatsPublisher | None = None
     sql_hooks: list[SqlTelemetry] = field(default_factory=list)
 
 
-def get_resources(request: Request) -> Resources:
+# Every dependency is `async def`: a plain `def` one is run in a worker thread, which costs
+# more than everything else on a cached request.
+async def get_resources(request: Request) -> Resources:
     resources: Resources = request.app.state.resources
     return resources
 
@@ -47,7 +50,7 @@ ResourcesDep = Annotated[Resources, Depends(get_resources)]
 _bearer = HTTPBearer(auto_error=False, description="A token from `salon-reports token`.")
 
 
-def get_principal(
+async def get_principal(
     resources: ResourcesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
@@ -55,7 +58,7 @@ def get_principal(
     if credentials is None:
         raise APIError(401, "unauthorized", "missing bearer token", challenge)
     try:
-        return decode_token(resources.settings.jwt_secret, credentials.credentials)
+        return resources.tokens.verify(credentials.credentials)
     except InvalidToken:
         raise APIError(401, "unauthorized", "invalid or expired token", challenge) from None
 
@@ -63,14 +66,14 @@ def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def get_report_service(resources: ResourcesDep) -> ReportService:
+async def get_report_service(resources: ResourcesDep) -> ReportService:
     return resources.reports
 
 
 ReportServiceDep = Annotated[ReportService, Depends(get_report_service)]
 
 
-def require_admin(principal: PrincipalDep) -> Principal:
+async def require_admin(principal: PrincipalDep) -> Principal:
     if principal.role != "admin":
         raise APIError(403, "forbidden", "this operation is for admins")
     return principal
@@ -79,7 +82,7 @@ def require_admin(principal: PrincipalDep) -> Principal:
 AdminDep = Annotated[Principal, Depends(require_admin)]
 
 
-def require_operator(principal: PrincipalDep) -> Principal:
+async def require_operator(principal: PrincipalDep) -> Principal:
     if principal.role not in ("admin", "ops"):
         raise APIError(403, "forbidden", "performance statistics are for admins and ops")
     return principal

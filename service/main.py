@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
 from service import __version__
+from service.auth import TokenVerifier
 from service.cache import CircuitBreaker, LocalTier, ReportCache
 from service.config import Settings, get_settings
 from service.db import async_engine, libpq_url
@@ -119,6 +120,7 @@ async def start_resources(settings: Settings, telemetry: Telemetry) -> Resources
         reports=ReportService(read_engine, cache, settings, pool=read_pool, stats=telemetry.stats),
         listener=listener,
         telemetry=telemetry,
+        tokens=TokenVerifier(settings.jwt_secret),
         publisher=publisher,
         sql_hooks=sql_hooks,
     )
