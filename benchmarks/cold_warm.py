@@ -65,8 +65,14 @@ def main(
                             assert result == "HIT", result
                             warm.append(elapsed)
                     cold_ms, warm_ms = statistics.median(cold), statistics.median(warm)
-                    table.add_row(report, "salon" if scope else "platform", window,
-                                  f"{cold_ms:.1f}", f"{warm_ms:.2f}", f"{cold_ms / warm_ms:.0f}x")
+                    table.add_row(
+                        report,
+                        "salon" if scope else "platform",
+                        window,
+                        f"{cold_ms:.1f}",
+                        f"{warm_ms:.2f}",
+                        f"{cold_ms / warm_ms:.0f}x",
+                    )
     Console().print(table)
 
 

@@ -1,0 +1,1031 @@
+"""HTTP load test (``make loadtest``): wrk against ``salon-reports serve --workers 2``.
+
+On the benchmark dataset (``benchmarks.dataset``), this starts the service on a free loopback
+port with ``DATABASE_URL`` pointing at ``salon_reports_bench`` and ``REDIS_URL`` at its own
+Redis database (``.env``'s server, database ``--redis-db``, default 15; the tests use 1-14),
+and runs wrk (``/usr/bin/wrk``, one thread by default: the machine's cores are shared by wrk,
+both workers, PostgreSQL and Redis) at each concurrency (100 and 500 connections), ``--duration``
+seconds per run, against:
+
+- ``bare``: ``GET /healthz``, a trivial FastAPI endpoint of the same app (same middleware);
+- ``cached``: one owner's dashboard, default period, always a cache hit after the warm-up;
+- ``uncached``: dashboards of distinct (salon, 30-day window) pairs, a new one per request
+  (every request a miss: the report SQL runs, then the entry is stored in Redis);
+- ``zipf``: a pre-generated list of requests, salons Zipf-distributed (s = 1.1, in a shuffled
+  order), reports 60/25/15 % dashboard/bookings/professionals, date ranges Zipf-distributed
+  over the usual ones (default 30 days, last 7 days, month to date, last month, 90, 365 days)
+  and a long tail of custom ranges, 2 % platform-wide (admin); owner tokens per salon. Its hit
+  rate comes from ``/performance/stats`` (admin token) read before and after each run, the
+  first run starting from an empty cache, the second on the cache the first one left. Ten
+  seconds hold few repeats of a long-tailed key space, so the measured rate is mostly
+  compulsory misses; the same request list is also replayed against the cache's rules (TTLs,
+  stale grace) at the measured rate, 100 and 1000 req/s for a simulated steady-state rate.
+
+Server configurations (a separate start each): tracing on with
+``OTEL_TRACES_SAMPLER=parentbased_traceidratio`` at each ``--samplers`` ratio (1.0 and 0.1),
+all four workloads at the first ratio, bare and cached at the others; and
+``OTEL_SDK_DISABLED=true`` for bare and cached. No exporter endpoint is set: spans are created,
+sampled and ended, then dropped (no export cost, which a real collector would add).
+
+Reported per run: requests/s, latency p50/p95/p99/max (wrk's own histogram, from a ``done()``
+hook; closed-loop, so queueing under overload shows up as latency, not as lost requests),
+errors (non-2xx/3xx statuses plus connect/read/write errors and timeouts, ``--timeout`` 10 s).
+Ratios: cached vs bare in the same server, tracing cost (tracing on vs SDK disabled). Servers
+are killed at the end, on failure or interrupt too. Loopback only.
+
+    python -m benchmarks.load [--duration 10] [--connections 100,500] [--samplers 1.0,0.1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from bisect import bisect
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from itertools import accumulate
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import create_engine, text
+
+from benchmarks.dataset import Dataset, ensure_dataset
+from benchmarks.stats import machine, write_results
+from service.auth import issue_token
+from service.config import get_settings
+
+PREFIX = "/api/v1/optimized-reports"
+STATS_PATH = f"{PREFIX}/performance/stats"
+HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parent.parent
+# Workers publish their stats to Redis every 2 s; wait past that before reading the merge.
+STATS_SETTLE_SECONDS = 2.6
+TOKEN_TTL_SECONDS = 3600
+WANTED_OPEN_FILES = 16_384
+TARGET_CACHED_VS_BARE = 0.50
+TARGET_TRACING_COST = 0.15
+TARGET_HIT_RATE = 0.95
+TARGET_CONNECTIONS = 500
+
+DONE_HOOK = r"""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRKJSON {\"requests\":%d,\"duration_us\":%d,\"bytes\":%d,\"connect\":%d," ..
+    "\"read\":%d,\"write\":%d,\"status\":%d,\"timeout\":%d,\"p50_us\":%d,\"p90_us\":%d," ..
+    "\"p95_us\":%d,\"p99_us\":%d,\"max_us\":%d,\"mean_us\":%.1f}\n",
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write,
+    e.status, e.timeout, latency:percentile(50), latency:percentile(90),
+    latency:percentile(95), latency:percentile(99), latency.max, latency.mean))
+end
+"""
+
+STATIC_SCRIPT = """
+wrk.method = "GET"
+wrk.headers["Authorization"] = "Bearer {token}"
+"""
+
+# One line per request: "<token index> <path>"; each thread walks the list from its offset.
+LIST_SCRIPT = """
+local tokens = {{}}
+for line in io.lines("{tokens_file}") do tokens[#tokens + 1] = line end
+local paths, owners = {{}}, {{}}
+for line in io.lines("{requests_file}") do
+  local owner, path = line:match("^(%d+) (%S+)$")
+  owners[#owners + 1] = tonumber(owner)
+  paths[#paths + 1] = path
+end
+local counter = 0
+local next_offset = {offset}
+setup = function(thread)
+  thread:set("offset", next_offset)
+  next_offset = next_offset + {stride}
+end
+init = function(args)
+  counter = offset or 0
+end
+request = function()
+  counter = counter + 1
+  if counter > #paths then counter = 1 end
+  return wrk.format("GET", paths[counter],
+    {{["Authorization"] = "Bearer " .. tokens[owners[counter]]}})
+end
+"""
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _on_signal(signum: int, _frame: FrameType | None) -> None:
+    raise Interrupted(f"signal {signum}")
+
+
+def raise_open_files() -> tuple[int, int]:
+    """Soft ``RLIMIT_NOFILE`` up to the hard limit (wrk and the server inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = WANTED_OPEN_FILES if hard == resource.RLIM_INFINITY else min(WANTED_OPEN_FILES, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _redis_url(base: str, database: int) -> str:
+    if not base:
+        raise SystemExit("REDIS_URL is not configured (.env); run `make services`")
+    return re.sub(r"/\d*$", "", base) + f"/{database}"
+
+
+@dataclass
+class Server:
+    """One ``salon-reports serve`` process group on a loopback port."""
+
+    name: str
+    env: dict[str, str]
+    workers: int
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self, timeout: float = 45.0) -> None:
+        executable = Path(sys.executable).with_name("salon-reports")
+        command = [
+            str(executable),
+            "serve",
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
+        ]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: we stop it and its workers
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server {self.name} exited; see {self.log_path}")
+            with contextlib.suppress(OSError, ValueError):
+                status, body = http_get(f"{self.base}/readyz", timeout=2)
+                if status == 200:
+                    ready = json.loads(body)
+                    wants_redis = bool(self.env.get("REDIS_URL"))
+                    if not wants_redis or ready.get("invalidation_listener") == "connected":
+                        return
+            time.sleep(0.3)
+        raise RuntimeError(f"server {self.name} not ready in {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def running(server: Server) -> Iterator[Server]:
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def http_get(url: str, token: str | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as error:
+        return int(error.code), error.read()
+
+
+def http_post(url: str, token: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as error:
+        return int(error.code), error.read()
+
+
+# -- workloads --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    name: str
+    script: Path
+    path: str  # the URL wrk is given (its path is used by static scripts only)
+
+
+def _zipf_weights(count: int, exponent: float) -> list[float]:
+    return [1 / (rank**exponent) for rank in range(1, count + 1)]
+
+
+def _ranges(today: date, rng: random.Random, tail: int) -> list[dict[str, str]]:
+    """Date ranges by popularity: the usual ones first, then a long tail of custom ones."""
+    month_start = today.replace(day=1)
+    last_month_end = month_start - timedelta(days=1)
+    usual: list[dict[str, str]] = [
+        {},  # the default: the 30 days ending today
+        {"start": str(today - timedelta(days=6)), "end": str(today)},
+        {"start": str(month_start), "end": str(today)},
+        {"start": str(last_month_end.replace(day=1)), "end": str(last_month_end)},
+        {"start": str(today - timedelta(days=89)), "end": str(today)},
+        {"start": str(today - timedelta(days=364)), "end": str(today)},
+    ]
+    custom = []
+    for _ in range(tail):
+        end = today - timedelta(days=rng.randrange(0, 365))
+        start = end - timedelta(days=rng.choice((6, 13, 29, 59, 89)))
+        custom.append({"start": str(start), "end": str(end)})
+    return usual + custom
+
+
+def _query(params: dict[str, Any]) -> str:
+    return "&".join(f"{key}={value}" for key, value in params.items())
+
+
+def zipf_requests(
+    salon_ids: list[int], today: date, count: int, seed: int = 7
+) -> list[tuple[int | None, str]]:
+    """``count`` (salon or None for platform-wide, path) pairs of the Zipf mix.
+
+    The same ``seed`` gives the same distribution (salon popularity order, custom ranges) and
+    the same sequence, whatever ``count``: a longer list starts with the shorter one.
+    """
+    rng = random.Random(seed)
+    salons = salon_ids[:]
+    rng.shuffle(salons)  # popularity is not id order
+    ranges = _ranges(today, rng, tail=60)
+    salon_cumulative = list(accumulate(_zipf_weights(len(salons), 1.1)))
+    range_cumulative = list(accumulate(_zipf_weights(len(ranges), 1.2)))
+    reports, report_cumulative = ("dashboard", "bookings", "professionals"), (0.60, 0.85, 1.0)
+    paths: dict[tuple[int | None, int, int], str] = {}
+    out: list[tuple[int | None, str]] = []
+    draw = rng.random
+    for _ in range(count):
+        platform = draw() < 0.02
+        salon = (
+            None if platform else salons[bisect(salon_cumulative, draw() * salon_cumulative[-1])]
+        )
+        report = bisect(report_cumulative, draw())
+        if platform and draw() < 0.8:
+            range_index = 0  # admins mostly look at the default period
+        else:
+            range_index = bisect(range_cumulative, draw() * range_cumulative[-1])
+        key = (salon, report, range_index)
+        path = paths.get(key)
+        if path is None:
+            path = paths[key] = _path(reports[min(report, 2)], salon, ranges[range_index])
+        out.append((salon, path))
+    return out
+
+
+def _path(report: str, salon: int | None, period: dict[str, str]) -> str:
+    params: dict[str, Any] = {} if salon is None else {"salon_id": salon}
+    params.update(period)
+    if report == "bookings" and "start" in period:
+        span = (date.fromisoformat(period["end"]) - date.fromisoformat(period["start"])).days
+        if span > 95:
+            params["granularity"] = "month"
+        elif span > 31:
+            params["granularity"] = "week"
+    query = _query(params)
+    return f"{PREFIX}/{report}" + (f"?{query}" if query else "")
+
+
+def simulated_hit_rate(
+    requests: list[tuple[int | None, str]],
+    rps: float,
+    ttls: dict[str, int],
+    stale_grace: int,
+    measure_seconds: float = 600.0,
+) -> dict[str, Any]:
+    """Steady-state hit rate of the Zipf mix at ``rps``, replayed against the cache's rules.
+
+    Requests arrive every ``1 / rps`` s; an entry filled at ``t`` is fresh for its report's TTL,
+    then served stale (a hit, as ``/performance/stats`` counts it) for ``stale_grace`` s while it
+    is refreshed. Counted after one longest TTL of warm-up, over ``measure_seconds``. No writes
+    invalidate anything here: on a live platform, booking changes lower the rate.
+    """
+    warm_up = max(ttls.values())
+    needed = int(rps * (warm_up + measure_seconds))
+    if needed > len(requests):
+        raise ValueError(f"need {needed} requests, have {len(requests)}")
+    filled: dict[tuple[int | None, str], float] = {}
+    hits = lookups = 0
+    for index in range(needed):
+        now = index / rps
+        key = requests[index]
+        report = key[1].split("?", 1)[0].rsplit("/", 1)[-1]
+        ttl = ttls[report]
+        at = filled.get(key)
+        hit = at is not None and now < at + ttl + stale_grace
+        if at is None or now >= at + ttl:
+            filled[key] = now  # a miss fills; a stale hit refreshes in the background
+        if now >= warm_up:
+            lookups += 1
+            hits += hit
+    return {
+        "rps": round(rps, 1),
+        "hit_rate": round(hits / lookups, 4) if lookups else None,
+        "lookups": lookups,
+        "measured_after_s": warm_up,
+        "ttls_s": ttls,
+        "stale_grace_s": stale_grace,
+    }
+
+
+def distinct_dashboards(salon_ids: list[int], today: date, seed: int = 11) -> list[str]:
+    """One path per (salon, 30-day window ending on one of the last 365 days), shuffled."""
+    rng = random.Random(seed)
+    paths = []
+    for salon in salon_ids:
+        for back in range(365):
+            end = today - timedelta(days=back)
+            start = end - timedelta(days=29)
+            paths.append(f"{PREFIX}/dashboard?salon_id={salon}&start={start}&end={end}")
+    rng.shuffle(paths)
+    return paths
+
+
+@dataclass
+class Workloads:
+    directory: Path
+    admin_token: str
+    cached: Workload
+    bare: Workload
+    uncached_count: int
+    zipf_lines: list[tuple[int | None, str]]
+    owner_index: dict[int | None, int]
+
+    def uncached(self, offset: int, stride: int) -> Workload:
+        """Distinct dashboards from ``offset``, each wrk thread ``stride`` further on."""
+        script = self.directory / f"uncached-{offset}.lua"
+        script.write_text(
+            LIST_SCRIPT.format(
+                tokens_file=self.directory / "tokens.txt",
+                requests_file=self.directory / "uncached.txt",
+                offset=offset,
+                stride=max(1, stride),
+            )
+            + DONE_HOOK
+        )
+        return Workload("uncached", script, f"{PREFIX}/dashboard")
+
+    def zipf(self, offset: int, threads: int) -> Workload:
+        script = self.directory / f"zipf-{offset}.lua"
+        script.write_text(
+            LIST_SCRIPT.format(
+                tokens_file=self.directory / "tokens.txt",
+                requests_file=self.directory / "zipf.txt",
+                offset=offset,
+                stride=max(1, len(self.zipf_lines) // max(threads, 1)),
+            )
+            + DONE_HOOK
+        )
+        return Workload("zipf", script, f"{PREFIX}/dashboard")
+
+    def distinct_keys(self, offset: int, requests: int) -> int:
+        """Distinct cache keys among the ``requests`` Zipf requests from ``offset`` on."""
+        seen = set()
+        for index in range(requests):
+            seen.add(self.zipf_lines[(offset + index) % len(self.zipf_lines)])
+        return len(seen)
+
+
+def build_workloads(
+    directory: Path,
+    secret: str,
+    salon_ids: list[int],
+    cached_salon: int,
+    today: date,
+    zipf_count: int,
+) -> Workloads:
+    admin = issue_token(secret, role="admin", ttl_seconds=TOKEN_TTL_SECONDS, subject="loadtest")
+    tokens = [admin]  # line 1: admin (platform-wide requests); then one owner per salon
+    owner_index: dict[int | None, int] = {None: 1}
+    for salon in salon_ids:
+        tokens.append(
+            issue_token(
+                secret,
+                role="owner",
+                salon_ids=[salon],
+                ttl_seconds=TOKEN_TTL_SECONDS,
+                subject=f"owner-{salon}",
+            )
+        )
+        owner_index[salon] = len(tokens)
+    (directory / "tokens.txt").write_text("\n".join(tokens) + "\n")
+
+    uncached = distinct_dashboards(salon_ids, today)
+    (directory / "uncached.txt").write_text("".join(f"1 {path}\n" for path in uncached))
+    zipf = zipf_requests(salon_ids, today, zipf_count)
+    (directory / "zipf.txt").write_text(
+        "".join(f"{owner_index[salon]} {path}\n" for salon, path in zipf)
+    )
+
+    owner = tokens[owner_index[cached_salon] - 1]
+    cached_script = directory / "cached.lua"
+    cached_script.write_text(STATIC_SCRIPT.format(token=owner) + DONE_HOOK)
+    bare_script = directory / "bare.lua"
+    bare_script.write_text(STATIC_SCRIPT.format(token=owner) + DONE_HOOK)
+    return Workloads(
+        directory=directory,
+        admin_token=admin,
+        cached=Workload("cached", cached_script, f"{PREFIX}/dashboard?salon_id={cached_salon}"),
+        bare=Workload("bare", bare_script, "/healthz"),
+        uncached_count=len(uncached),
+        zipf_lines=zipf,
+        owner_index=owner_index,
+    )
+
+
+# -- running wrk ------------------------------------------------------------------------------
+
+
+def run_wrk(
+    server: Server,
+    workload: Workload,
+    connections: int,
+    duration: float,
+    threads: int,
+    timeout_s: float,
+) -> dict[str, Any]:
+    command = [
+        shutil.which("wrk") or "/usr/bin/wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{duration:g}s",
+        f"--timeout={timeout_s:g}s",
+        "--latency",
+        "-s",
+        str(workload.script),
+        f"{server.base}{workload.path}",
+    ]
+    load_before = os.getloadavg()[0]
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=duration + timeout_s + 30, check=False
+    )
+    match = re.search(r"^WRKJSON (\{.*\})$", completed.stdout, re.MULTILINE)
+    if completed.returncode != 0 or match is None:
+        raise RuntimeError(
+            f"wrk failed ({completed.returncode}): {completed.stderr.strip()}\n"
+            f"{completed.stdout[-2000:]}"
+        )
+    raw = json.loads(match.group(1))
+    seconds = raw["duration_us"] / 1e6
+    socket_errors = raw["connect"] + raw["read"] + raw["write"] + raw["timeout"]
+    return {
+        "connections": connections,
+        "threads": threads,
+        "duration_s": round(seconds, 2),
+        "requests": raw["requests"],
+        "rps": round(raw["requests"] / seconds, 1),
+        "p50_ms": raw["p50_us"] / 1000,
+        "p95_ms": raw["p95_us"] / 1000,
+        "p99_ms": raw["p99_us"] / 1000,
+        "max_ms": raw["max_us"] / 1000,
+        "mean_ms": round(raw["mean_us"] / 1000, 3),
+        "errors": raw["status"] + socket_errors,
+        "non_2xx": raw["status"],
+        "socket_errors": {key: raw[key] for key in ("connect", "read", "write", "timeout")},
+        "load_average_1m_before": round(load_before, 2),
+    }
+
+
+def check_report(server: Server, path: str, token: str) -> None:
+    """The cached report must answer 200 before it is measured."""
+    status, body = http_get(f"{server.base}{path}", token, timeout=60)
+    if status != 200:
+        raise RuntimeError(f"{path} answered {status} ({body[:200]!r}); see {server.log_path}")
+
+
+def clear_cache(server: Server, admin_token: str) -> None:
+    status, body = http_post(f"{server.base}{PREFIX}/cache/clear", admin_token, {})
+    if status != 200:
+        raise RuntimeError(f"cache clear answered {status}: {body[:200]!r}")
+
+
+def read_stats(server: Server, admin_token: str) -> dict[str, Any]:
+    """``/performance/stats``, once every worker has published what it counted so far."""
+    time.sleep(STATS_SETTLE_SECONDS)
+    status, body = http_get(f"{server.base}{STATS_PATH}", admin_token, timeout=10)
+    if status != 200:
+        raise RuntimeError(f"/performance/stats answered {status}: {body[:300]!r}")
+    stats: dict[str, Any] = json.loads(body)
+    return stats
+
+
+def cache_counts(server: Server, admin_token: str) -> dict[str, Any]:
+    stats = read_stats(server, admin_token)
+    cache = stats["since_start"]["cache"]
+    return {
+        "hits": cache["hits"],
+        "stale": cache["stale"],
+        "misses": cache["misses"],
+        "workers": stats["workers"],
+        "partial": stats["partial"],
+    }
+
+
+def hit_rate(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    hits = after["hits"] - before["hits"]
+    stale = after["stale"] - before["stale"]
+    misses = after["misses"] - before["misses"]
+    lookups = hits + stale + misses
+    return {
+        "hits": hits,
+        "stale": stale,
+        "misses": misses,
+        "lookups": lookups,
+        "hit_rate": round((hits + stale) / lookups, 4) if lookups else None,
+        "workers_reporting": after["workers"],
+        "partial": after["partial"],
+    }
+
+
+def idle_timing(server: Server, path: str, token: str) -> dict[str, Any]:
+    try:
+        return server_timing(server, path, token)
+    except (OSError, http.client.HTTPException) as error:
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def server_timing(server: Server, path: str, token: str, count: int = 200) -> dict[str, Any]:
+    """Idle, sequential requests: client latency and the server's own Server-Timing split."""
+    client_ms, cache_ms, total_ms = [], [], []
+    connection = http.client.HTTPConnection(HOST, server.port, timeout=10)  # kept alive
+    try:
+        for _ in range(count):
+            started = time.perf_counter()
+            connection.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+            response = connection.getresponse()
+            response.read()
+            timing = response.getheader("Server-Timing", "")
+            client_ms.append((time.perf_counter() - started) * 1000)
+            parts = dict(re.findall(r"(\w+);dur=([\d.]+)", timing))
+            if "cache" in parts:
+                cache_ms.append(float(parts["cache"]))
+            if "total" in parts:
+                total_ms.append(float(parts["total"]))
+    finally:
+        connection.close()
+
+    def median(values: list[float]) -> float | None:
+        return round(sorted(values)[len(values) // 2], 3) if values else None
+
+    return {
+        "requests": count,
+        "client_p50_ms": median(client_ms),
+        "server_cache_p50_ms": median(cache_ms),
+        "server_total_p50_ms": median(total_ms),
+    }
+
+
+# -- the plan ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    name: str
+    tracing: str  # "sampler 1.0", "disabled", ...
+    env: dict[str, str]
+    workloads: tuple[str, ...]
+
+
+def server_env(
+    base: dict[str, str], dataset: Dataset, redis_url: str, secret: str, extra: dict[str, str]
+) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in base.items()
+        if not key.startswith("OTEL_") and key not in ("REPORTS_READ_DATABASE_URL",)
+    }
+    env.update(
+        {
+            "DATABASE_URL": dataset.url,
+            "REDIS_URL": redis_url,
+            "REPORTS_JWT_SECRET": secret,
+            "OTEL_SERVICE_NAME": "salon-reports-loadtest",
+            "PYTHONPATH": str(ROOT),  # the server runs the code tree these benchmarks belong to
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def configs(samplers: list[float]) -> list[Config]:
+    out = []
+    for index, ratio in enumerate(samplers):
+        out.append(
+            Config(
+                name=f"tracing-{ratio:g}",
+                tracing=f"on, parentbased_traceidratio {ratio:g}",
+                env={
+                    "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                    "OTEL_TRACES_SAMPLER_ARG": f"{ratio:g}",
+                },
+                workloads=("bare", "cached", "uncached", "zipf")
+                if index == 0
+                else ("bare", "cached"),
+            )
+        )
+    out.append(
+        Config(
+            name="sdk-disabled",
+            tracing="OTEL_SDK_DISABLED=true",
+            env={"OTEL_SDK_DISABLED": "true"},
+            workloads=("bare", "cached"),
+        )
+    )
+    return out
+
+
+def _salons(url: str) -> tuple[list[int], int]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            ids = [
+                int(i) for i in conn.execute(text("SELECT id FROM salons ORDER BY id")).scalars()
+            ]
+            busiest = conn.execute(
+                text(
+                    "SELECT salon_id FROM bookings GROUP BY salon_id ORDER BY count(*) DESC,"
+                    " salon_id LIMIT 1"
+                )
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    return ids, int(busiest)
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if not numerator or not denominator:
+        return None
+    return round(numerator / denominator, 3)
+
+
+def summarise(
+    runs: list[dict[str, Any]], samplers: list[float], connections: list[int]
+) -> dict[str, Any]:
+    def rps(config: str, workload: str, conns: int) -> float | None:
+        for run in runs:
+            if (run["config"], run["workload"], run["connections"]) == (config, workload, conns):
+                return float(run["rps"])
+        return None
+
+    ratios: dict[str, Any] = {}
+    for conns in connections:
+        per: dict[str, Any] = {}
+        disabled_cached = rps("sdk-disabled", "cached", conns)
+        disabled_bare = rps("sdk-disabled", "bare", conns)
+        per["sdk-disabled"] = {"cached_vs_bare": _ratio(disabled_cached, disabled_bare)}
+        for ratio in samplers:
+            name = f"tracing-{ratio:g}"
+            cached, bare = rps(name, "cached", conns), rps(name, "bare", conns)
+            kept = _ratio(cached, disabled_cached)
+            bare_kept = _ratio(bare, disabled_bare)
+            per[name] = {
+                "cached_vs_bare": _ratio(cached, bare),
+                "cached_vs_bare_sdk_disabled": _ratio(cached, disabled_bare),
+                "tracing_cost_cached": None if kept is None else round(1 - kept, 3),
+                "tracing_cost_bare": None if bare_kept is None else round(1 - bare_kept, 3),
+            }
+        ratios[str(conns)] = per
+    zipf = [run for run in runs if run["workload"] == "zipf"]
+    errors_at = {
+        str(conns): sum(run["errors"] for run in runs if run["connections"] == conns)
+        for conns in connections
+    }
+    return {
+        "ratios": ratios,
+        "zipf_hit_rates": [run.get("cache") for run in zipf],
+        "errors_by_connections": errors_at,
+    }
+
+
+def _table(runs: list[dict[str, Any]]) -> Table:
+    table = Table(title="HTTP load (wrk, loopback; latency in ms)")
+    for header in (
+        "server",
+        "workload",
+        "conns",
+        "req/s",
+        "p50",
+        "p95",
+        "p99",
+        "max",
+        "errors",
+        "hit rate",
+        "load1",
+    ):
+        table.add_column(header)
+    for run in runs:
+        cache = run.get("cache") or {}
+        rate = cache.get("hit_rate")
+        table.add_row(
+            run["config"],
+            run["workload"],
+            str(run["connections"]),
+            f"{run['rps']:,.0f}",
+            f"{run['p50_ms']:.1f}",
+            f"{run['p95_ms']:.1f}",
+            f"{run['p99_ms']:.1f}",
+            f"{run['max_ms']:.0f}",
+            str(run["errors"])
+            if not run["errors"]
+            else (
+                f"{run['errors']} ({run['non_2xx']} non-2xx, "
+                f"{sum(run['socket_errors'].values())} socket)"
+            ),
+            "—" if rate is None else f"{rate:.1%}",
+            f"{run['load_average_1m_before']:.1f}",
+        )
+    return table
+
+
+def _ratios_table(summary: dict[str, Any], samplers: list[float]) -> Table:
+    table = Table(title="Ratios (same run): throughput kept and lost")
+    for header in (
+        "conns",
+        "tracing",
+        "cached/bare (same server)",
+        "cached/bare (SDK off)",
+        "tracing cost, cached",
+        "tracing cost, bare",
+    ):
+        table.add_column(header)
+    for conns, per in summary["ratios"].items():
+        for ratio in samplers:
+            row = per[f"tracing-{ratio:g}"]
+            table.add_row(
+                conns,
+                f"sampler {ratio:g}",
+                _pct(row["cached_vs_bare"]),
+                _pct(row["cached_vs_bare_sdk_disabled"]),
+                _pct(row["tracing_cost_cached"]),
+                _pct(row["tracing_cost_bare"]),
+            )
+        table.add_row(
+            conns, "SDK disabled", _pct(per["sdk-disabled"]["cached_vs_bare"]), "—", "—", "—"
+        )
+    return table
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0%}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="HTTP load test (make loadtest).")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per kind")
+    parser.add_argument("--connections", default="100,500")
+    parser.add_argument("--samplers", default="1.0,0.1", help="trace sampling ratios")
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--timeout", type=float, default=10.0, help="wrk request timeout, s")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--redis-db", type=int, default=15)
+    args = parser.parse_args()
+    connections = [int(c) for c in args.connections.split(",") if c]
+    samplers = [float(s) for s in args.samplers.split(",") if s]
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    started = time.perf_counter()
+    if shutil.which("wrk") is None and not Path("/usr/bin/wrk").exists():
+        raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
+    limits = raise_open_files()
+    if limits[0] != resource.RLIM_INFINITY and limits[0] < max(connections) * 2 + 256:
+        console.print(
+            f"[yellow]open files limit {limits[0]} may be too low for "
+            f"{max(connections)} connections[/]"
+        )
+    signal.signal(signal.SIGTERM, _on_signal)
+
+    settings = get_settings()
+    dataset = ensure_dataset(log=console.log)
+    salon_ids, busiest = _salons(dataset.url)
+    redis_url = _redis_url(settings.redis_url, args.redis_db)
+    workdir = Path(tempfile.mkdtemp(prefix="salon-reports-loadtest-"))
+    zipf_count = 200_000
+    workloads = build_workloads(
+        workdir, settings.jwt_secret, salon_ids, busiest, dataset.seeded_on, zipf_count
+    )
+    console.log(f"dataset {dataset.as_dict()}; redis db {args.redis_db}; scripts in {workdir}")
+    runs: list[dict[str, Any]] = []
+    timings: dict[str, Any] = {}
+    server_stats: dict[str, Any] = {}
+    uncached_offset = 0
+    zipf_offset = 0
+    servers: list[Server] = []
+    failure: str | None = None
+    try:
+        for config in configs(samplers):
+            env = server_env(dict(os.environ), dataset, redis_url, settings.jwt_secret, config.env)
+            server = Server(config.name, env, args.workers, workdir / f"{config.name}.log")
+            servers.append(server)
+            with running(server):
+                console.log(f"server {config.name} ({config.tracing}) on {server.base}")
+                clear_cache(server, workloads.admin_token)
+                check_report(server, workloads.cached.path, _owner_token(workloads, busiest))
+                for kind in config.workloads:
+                    for index, conns in enumerate(connections):
+                        before = None
+                        if kind == "uncached":
+                            # Each run its own slice of the list: no key is requested twice.
+                            share = workloads.uncached_count // len(connections)
+                            workload = workloads.uncached(uncached_offset, share // args.threads)
+                            uncached_offset += share
+                            before = cache_counts(server, workloads.admin_token)
+                        elif kind == "zipf":
+                            if index == 0:  # the first Zipf run starts from an empty cache
+                                clear_cache(server, workloads.admin_token)
+                            workload = workloads.zipf(zipf_offset, args.threads)
+                            before = cache_counts(server, workloads.admin_token)
+                        else:
+                            workload = workloads.cached if kind == "cached" else workloads.bare
+                        if index == 0 and kind in ("bare", "cached") and args.warmup > 0:
+                            run_wrk(
+                                server, workload, conns, args.warmup, args.threads, args.timeout
+                            )
+                        if kind == "cached" and index == 0:
+                            timings[config.name] = idle_timing(
+                                server, workloads.cached.path, _owner_token(workloads, busiest)
+                            )
+                        result = run_wrk(
+                            server, workload, conns, args.duration, args.threads, args.timeout
+                        )
+                        result.update(
+                            config=config.name,
+                            tracing=config.tracing,
+                            workload=kind,
+                            path=workload.path,
+                        )
+                        if before is not None:
+                            after = cache_counts(server, workloads.admin_token)
+                            result["cache"] = hit_rate(before, after)
+                        if kind == "zipf":
+                            result["cache"]["distinct_keys_requested"] = workloads.distinct_keys(
+                                zipf_offset, result["requests"]
+                            )
+                            result["cache"]["started_cold"] = index == 0
+                            zipf_offset += result["requests"]
+                        runs.append(result)
+                        console.log(
+                            f"{config.name:<14} {kind:<9} c={conns:<4} {result['rps']:>9,.0f}"
+                            f" req/s p50 {result['p50_ms']:.1f} p99 {result['p99_ms']:.1f} ms"
+                            f" errors {result['errors']}"
+                            + (f" hit rate {result['cache']['hit_rate']}" if before else "")
+                        )
+                final = read_stats(server, workloads.admin_token)
+                server_stats[config.name] = {
+                    "endpoints": final["since_start"]["endpoints"],
+                    "pool": final.get("pool"),
+                    "alerts": final.get("alerts"),
+                }
+    except (Interrupted, KeyboardInterrupt) as error:
+        failure = f"interrupted: {error}"
+    except Exception as error:
+        failure = f"{type(error).__name__}: {error}"
+        console.print_exception()
+    finally:
+        for server in servers:
+            server.stop()
+        # The scripts and the token list carry signed tokens; the server logs stay for reading.
+        for secret in [*workdir.glob("*.lua"), workdir / "tokens.txt"]:
+            secret.unlink(missing_ok=True)
+
+    summary = summarise(runs, samplers, connections)
+    summary["zipf_simulated_steady_state"] = steady_state(
+        runs, salon_ids, dataset.seeded_on, settings
+    )
+    console.print(_table(runs))
+    if runs:
+        console.print(_ratios_table(summary, samplers))
+    for estimate in summary["zipf_simulated_steady_state"]:
+        console.print(
+            f"Zipf mix, simulated steady state at {estimate['rps']:,.0f} req/s (TTLs"
+            f" {estimate['ttls_s']}, stale grace {estimate['stale_grace_s']} s, no writes):"
+            f" hit rate {estimate['hit_rate']:.1%}"
+        )
+    for name, timing in timings.items():
+        if "error" in timing:
+            console.print(f"idle cached request, {name}: {timing['error']}")
+            continue
+        console.print(
+            f"idle cached request, {name}: client p50 {timing['client_p50_ms']} ms,"
+            f" server total p50 {timing['server_total_p50_ms']} ms, of which cache"
+            f" lookup {timing['server_cache_p50_ms']} ms"
+        )
+    elapsed = time.perf_counter() - started
+    payload = {
+        "kind": "load",
+        "command": "make loadtest  (python -m benchmarks.load)",
+        "args": vars(args),
+        "machine": machine(),
+        "dataset": dataset.as_dict(),
+        "cached_salon": busiest,
+        "open_files_limit": list(limits),
+        "notes": [
+            "wrk, server workers, PostgreSQL and Redis share the same cores",
+            "no OTLP exporter endpoint: sampled spans are created, ended and dropped",
+            "closed-loop load (wrk): overload shows as latency, not as dropped requests",
+        ],
+        "targets": {
+            "cached_vs_bare_at_least": TARGET_CACHED_VS_BARE,
+            "tracing_cost_at_most": TARGET_TRACING_COST,
+            "hit_rate_above": TARGET_HIT_RATE,
+            "connections_without_errors": TARGET_CONNECTIONS,
+        },
+        "runs": runs,
+        "summary": summary,
+        "idle_cached_request": timings,
+        "server_endpoint_stats": server_stats,
+        "failure": failure,
+        "elapsed_s": round(elapsed, 1),
+        "server_logs": str(workdir),
+    }
+    path = write_results("load", payload)
+    console.print(f"wrote {path} in {elapsed:.0f} s; server logs in {workdir}")
+    if failure:
+        console.print(f"[red]load test incomplete: {failure}[/]")
+        raise SystemExit(1)
+
+
+def steady_state(
+    runs: list[dict[str, Any]], salon_ids: list[int], today: date, settings: Any
+) -> list[dict[str, Any]]:
+    """The Zipf mix's simulated steady-state hit rate at the measured rate, 100 and 1000 req/s."""
+    measured = [float(run["rps"]) for run in runs if run["workload"] == "zipf"]
+    rates = sorted({100.0, 1000.0, *([max(measured)] if measured else [])})
+    ttls = {name: settings.cache_ttl(name) for name in ("dashboard", "bookings", "professionals")}
+    longest = max(ttls.values()) + 600
+    requests = zipf_requests(salon_ids, today, int(max(rates) * longest) + 1)
+    return [simulated_hit_rate(requests, rate, ttls, settings.cache_stale_grace) for rate in rates]
+
+
+def _owner_token(workloads: Workloads, salon: int) -> str:
+    tokens = (workloads.directory / "tokens.txt").read_text().splitlines()
+    return tokens[workloads.owner_index[salon] - 1]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Markdown tables from the latest benchmark results, for the README's performance section.
+
+python -m benchmarks.report            # both, from benchmarks/results/*-latest.json
+python -m benchmarks.report queries    # one of them
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.stats import RESULTS_DIR
+
+
+def _load(kind: str) -> dict[str, Any] | None:
+    path = RESULTS_DIR / f"{kind}-latest.json"
+    if not path.exists():
+        return None
+    data: dict[str, Any] = json.loads(Path(path).read_text())
+    return data
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def _machine(data: dict[str, Any]) -> str:
+    machine = data["machine"]
+    return (
+        f"{machine['cores']} cores ({machine['cpu']}), {machine['memory_gib']} GiB,"
+        f" Linux {machine['kernel']}, Python {machine['python']}, commit"
+        f" {machine['git_commit']}, load average at the end {machine['load_average']}"
+    )
+
+
+def queries_markdown(data: dict[str, Any]) -> str:
+    lines = [
+        f"`{data['command']}` — {data['elapsed_s']:.0f} s; {_machine(data)}.",
+        f"Dataset: {data['dataset']['bookings']:,} bookings, {data['dataset']['params']['salons']}"
+        f" salons, {data['dataset']['params']['days']} days, seed"
+        f" {data['dataset']['params']['seed']}; windows end {data['dataset']['seeded_on']}; salon"
+        f" {data['salon']['id']} ({data['salon']['timezone']}) is the busiest"
+        f" ({data['salon']['bookings']:,} bookings).",
+        "",
+        "| report | window | bookings in window | optimised p50 / p95 / max ms (n)"
+        " | p95 < 100 ms | naive p50 / p95 ms (n) | speed-up (p50)"
+        " | plan: top node; hottest node (exclusive ms) |",
+        "|---|---|--:|--:|:-:|--:|--:|---|",
+    ]
+    for row in data["rows"]:
+        opt, naive = row["optimised"], row["naive"]
+        if naive is None:
+            naive_text = "not run"
+        elif naive["n"] == 0:
+            naive_text = f"> {naive['lower_bound_ms'] / 1000:,.0f} s (cut short, 0 finished)"
+        else:
+            naive_text = f"{_ms(naive['p50_ms'])} / {_ms(naive['p95_ms'])} ({naive['n']})"
+        speedup = row["speedup"]
+        speed_text = (
+            "—"
+            if speedup is None
+            else (f"≥ {speedup:,.0f}x" if row["speedup_is_lower_bound"] else f"{speedup:,.0f}x")
+        )
+        plan = opt["plans"][0] if opt["plans"] else {}
+        lines.append(
+            f"| {row['report']} | {row['window']} | {row['bookings_in_window']:,}"
+            f" | {_ms(opt['p50_ms'])} / {_ms(opt['p95_ms'])} / {_ms(opt['max_ms'])} ({opt['n']})"
+            f" | {'yes' if row['meets_p95_target'] else '**no**'} | {naive_text} | {speed_text}"
+            f" | {plan.get('top_node', '—')}; {plan.get('hottest_node', '—')}"
+            f" ({_ms(plan.get('hottest_exclusive_ms'))}) |"
+        )
+    return "\n".join(lines)
+
+
+def load_markdown(data: dict[str, Any]) -> str:
+    lines = [
+        f"`{data['command']}` — {data['elapsed_s']:.0f} s; {_machine(data)}.",
+        f"wrk {data['args']['threads']} thread(s), {data['args']['duration']:g} s per run,"
+        f" timeout {data['args']['timeout']:g} s, {data['args']['workers']} uvicorn workers;"
+        " wrk, the workers, PostgreSQL and Redis share the cores.",
+        "",
+        "| server | workload | connections | req/s | p50 ms | p95 ms | p99 ms | errors |"
+        " hit rate |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for run in data["runs"]:
+        cache = run.get("cache") or {}
+        rate = cache.get("hit_rate")
+        errors = str(run["errors"])
+        if run["errors"]:
+            errors += f" ({run['non_2xx']} non-2xx)"
+        lines.append(
+            f"| {run['config']} | {run['workload']} | {run['connections']} | {run['rps']:,.0f}"
+            f" | {run['p50_ms']:.1f} | {run['p95_ms']:.1f} | {run['p99_ms']:.1f} | {errors}"
+            f" | {'—' if rate is None else f'{rate:.1%}'} |"
+        )
+    lines += [
+        "",
+        "| connections | tracing | cached ÷ bare (same server) | tracing cost, cached"
+        " (vs SDK disabled) | tracing cost, bare |",
+        "|--:|---|--:|--:|--:|",
+    ]
+
+    def pct(value: float | None) -> str:
+        return "—" if value is None else f"{value:.0%}"
+
+    for conns, per in data["summary"]["ratios"].items():
+        for name, row in per.items():
+            if name == "sdk-disabled":
+                lines.append(f"| {conns} | SDK disabled | {pct(row['cached_vs_bare'])} | — | — |")
+                continue
+            lines.append(
+                f"| {conns} | {name.replace('tracing-', 'sampler ')} | {pct(row['cached_vs_bare'])}"
+                f" | {pct(row['tracing_cost_cached'])} | {pct(row['tracing_cost_bare'])} |"
+            )
+    estimates = data["summary"].get("zipf_simulated_steady_state") or []
+    if estimates:
+        lines.append("")
+        lines.append(
+            "Zipf mix, simulated steady state (same request list, the cache's TTLs and stale"
+            " grace, no writes): "
+            + ", ".join(f"{e['hit_rate']:.1%} at {e['rps']:,.0f} req/s" for e in estimates)
+            + "."
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    kinds = sys.argv[1:] or ["queries", "load"]
+    for kind in kinds:
+        data = _load(kind)
+        if data is None:
+            target = "bench" if kind == "queries" else "loadtest"
+            print(f"(no {kind} results yet: run `make {target}`)")
+            continue
+        print(queries_markdown(data) if kind == "queries" else load_markdown(data))
+        print()
+
+
+if __name__ == "__main__":
+    main()
