@@ -111,6 +111,21 @@ async def _scope(
     return scope
 
 
+async def _begin(
+    request: Request,
+    report: str,
+    reports: ReportService,
+    principal: Principal,
+    salon_id: int | None,
+    start: str | None,
+    end: str | None,
+) -> tuple[Scope, Period]:
+    """Name the report for telemetry, authorise, resolve the salon, parse the period."""
+    request.state.report_name = report
+    scope = await _scope(request, reports, principal, salon_id)
+    return scope, parse_period(start, end, reports.today(scope))
+
+
 def report_response(
     request: Request, outcome: Outcome, started: float, *, cacheable: bool = True
 ) -> Response:
@@ -152,9 +167,7 @@ async def dashboard(
 ) -> Response:
     """Totals, rates, clients, top services and the daily series of a period."""
     started = time.perf_counter()
-    request.state.report_name = "dashboard"
-    scope = await _scope(request, reports, principal, salon_id)
-    period = parse_period(start, end, reports.today(scope))
+    scope, period = await _begin(request, "dashboard", reports, principal, salon_id, start, end)
     outcome = await reports.dashboard(principal, scope, period)
     return report_response(request, outcome, started)
 
@@ -174,9 +187,7 @@ async def bookings(
 ) -> Response:
     """Bookings over time (day, week or month), by category and by local hour."""
     started = time.perf_counter()
-    request.state.report_name = "bookings"
-    scope = await _scope(request, reports, principal, salon_id)
-    period = parse_period(start, end, reports.today(scope))
+    scope, period = await _begin(request, "bookings", reports, principal, salon_id, start, end)
     filters = BookingFilters(professional_id=professional_id, service_id=service_id, status=status)
     outcome = await reports.bookings(principal, scope, period, granularity, filters)
     return report_response(request, outcome, started)
@@ -195,9 +206,7 @@ async def professionals(
 ) -> Response:
     """Per-professional performance with client retention, keyset-paginated."""
     started = time.perf_counter()
-    request.state.report_name = "professionals"
-    scope = await _scope(request, reports, principal, salon_id)
-    period = parse_period(start, end, reports.today(scope))
+    scope, period = await _begin(request, "professionals", reports, principal, salon_id, start, end)
     after_id = decode_cursor(cursor) if cursor is not None else None
     outcome = await reports.professionals(principal, scope, period, limit, after_id)
     return report_response(request, outcome, started)
