@@ -269,7 +269,6 @@ class LocalTier:
 
 
 Compute = Callable[[], Awaitable[bytes]]
-Observer = Callable[[str, CacheResult], None]
 
 
 class ReportCache:
@@ -405,14 +404,21 @@ class ReportCache:
                 waited.cache_ms = (time.perf_counter() - started) * 1000
                 return waited
         cache_ms = (time.perf_counter() - started) * 1000
+        outcome = await self._compute_and_store(key, ttl, compute, epoch, token if locked else None)
+        outcome.cache_ms = cache_ms
+        return outcome
+
+    async def _compute_and_store(
+        self, key: CacheKey, ttl: float, compute: Compute, epoch: str, token: str | None
+    ) -> Outcome:
+        """Compute, store if the epoch still holds, and release the lock ``token`` if held."""
         try:
             outcome = await self._compute(compute, ttl)
         except BaseException:
-            if locked:
+            if token is not None:
                 await self._unlock(key, token)
             raise
-        outcome.cache_ms = cache_ms
-        await self._put(key, outcome.entry, ttl, epoch, token if locked else None)
+        await self._put(key, outcome.entry, ttl, epoch, token)
         return outcome
 
     async def _epoch_and_lock(self, redis: Redis, key: CacheKey, token: str) -> tuple[str, bool]:
@@ -458,26 +464,19 @@ class ReportCache:
         with self.tracer.start_as_current_span(
             "cache.set", attributes={attr.REPORT_NAME: key.report, attr.CACHE_OPERATION: "set"}
         ):
-            await self._store_entry(key, entry, lifetime_ms, epoch, token)
-
-    async def _store_entry(
-        self, key: CacheKey, entry: CacheEntry, lifetime_ms: int, epoch: str, token: str | None
-    ) -> None:
-        assert self._store is not None
-        assert self._release is not None
-        try:
-            stored = await self._call(
-                self._store(
-                    keys=[key.key, key.epoch_key, key.tracked_key],
-                    args=[epoch, entry.encode(), lifetime_ms],
+            try:
+                stored = await self._call(
+                    self._store(
+                        keys=[key.key, key.epoch_key, key.tracked_key],
+                        args=[epoch, entry.encode(), lifetime_ms],
+                    )
                 )
-            )
-            if not stored:
-                logger.debug("not caching %s: invalidated while it was computed", key.report)
-            if token is not None:
-                await self._call(self._release(keys=[key.lock_key], args=[token]))
-        except (TimeoutError, RedisError, OSError):
-            logger.warning("could not store a %s report in the cache", key.report)
+                if not stored:
+                    logger.debug("not caching %s: invalidated while it was computed", key.report)
+                if token is not None:
+                    await self._call(self._release(keys=[key.lock_key], args=[token]))
+            except (TimeoutError, RedisError, OSError):
+                logger.warning("could not store a %s report in the cache", key.report)
 
     async def _unlock(self, key: CacheKey, token: str) -> None:
         assert self._release is not None
@@ -497,12 +496,7 @@ class ReportCache:
                 epoch, locked = await self._call(self._epoch_and_lock(redis, key, token))
                 if not locked:
                     return  # another process is refreshing it
-                try:
-                    outcome = await self._compute(compute, ttl)
-                except BaseException:
-                    await self._unlock(key, token)
-                    raise
-                await self._put(key, outcome.entry, ttl, epoch, token)
+                await self._compute_and_store(key, ttl, compute, epoch, token)
             except Exception:
                 logger.warning(
                     "background refresh of a %s report failed", key.report, exc_info=True
@@ -535,13 +529,9 @@ class ReportCache:
         deleted += await self.invalidate(None)
         return deleted
 
-    async def clear(
-        self, report: str | None = None, salon_id: int | None = None, *, everything: bool = False
-    ) -> int:
-        """The admin clear: by report and/or salon, or everything the service owns."""
-        if self.redis is None:
-            return 0
-        if not everything:
+    async def clear(self, report: str | None = None, salon_id: int | None = None) -> int:
+        """The admin clear: one salon's entries (of one report or all), else every salon's."""
+        if salon_id is not None:
             return await self.invalidate(salon_id, report)
         return await self.clear_all(report)
 
@@ -580,8 +570,11 @@ class ReportCache:
 
     @staticmethod
     async def _unlink_entries(redis: Redis, names: list[bytes]) -> int:
-        entries = [n for n in names if b":keys:" not in n and not n.endswith(b":lock")]
-        others = [n for n in names if n not in entries]
+        entries: list[bytes] = []
+        others: list[bytes] = []  # tracked-key sets and locks: removed, not counted
+        for name in names:
+            is_entry = b":keys:" not in name and not name.endswith(b":lock")
+            (entries if is_entry else others).append(name)
         deleted = 0
         if entries:
             deleted = int(await redis.unlink(*entries))

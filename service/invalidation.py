@@ -186,13 +186,11 @@ class InvalidationListener:
             self._markers.pop(marker, None)
 
     def _drop_local(self, payload: str) -> None:
-        """``<report or *>:<salon id, p or *>`` from an admin clear on some worker."""
+        """``<report or *>:<salon id or *>`` from an admin clear on some worker."""
         report, _, salon = payload.partition(":")
         report_name = None if report == "*" else report
-        if salon == "*":
-            self.cache.local.drop(None, report_name)
-        else:
-            self.cache.local.drop(scope_tag(None if salon == "p" else int(salon)), report_name)
+        tag = None if salon == "*" else scope_tag(int(salon))
+        self.cache.local.drop(tag, report_name)
 
     async def _apply(self, payload: str) -> None:
         marker = self._markers.get(payload)

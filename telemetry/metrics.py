@@ -161,17 +161,18 @@ class Instruments:
             )
             yield Observation(status.in_use, {**name, attr.DB_CLIENT_CONNECTION_STATE: "used"})
 
-    def _connection_max(self, _: CallbackOptions) -> Iterable[Observation]:
+    def _per_pool(self, value: Callable[[PoolGauges], int]) -> Iterable[Observation]:
         for pool in self.pools:
-            yield Observation(pool.read().max, {attr.DB_CLIENT_CONNECTION_POOL_NAME: pool.name})
+            yield Observation(value(pool), {attr.DB_CLIENT_CONNECTION_POOL_NAME: pool.name})
+
+    def _connection_max(self, _: CallbackOptions) -> Iterable[Observation]:
+        return self._per_pool(lambda pool: pool.read().max)
 
     def _pending(self, _: CallbackOptions) -> Iterable[Observation]:
-        for pool in self.pools:
-            yield Observation(pool.waiting, {attr.DB_CLIENT_CONNECTION_POOL_NAME: pool.name})
+        return self._per_pool(lambda pool: pool.waiting)
 
     def _timeouts(self, _: CallbackOptions) -> Iterable[Observation]:
-        for pool in self.pools:
-            yield Observation(pool.timeouts, {attr.DB_CLIENT_CONNECTION_POOL_NAME: pool.name})
+        return self._per_pool(lambda pool: pool.timeouts)
 
     @staticmethod
     def _memory(_: CallbackOptions) -> Iterable[Observation]:

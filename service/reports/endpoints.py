@@ -246,10 +246,6 @@ async def clear_cache(
 ) -> CacheClearResponse:
     """Drop cached reports by report and/or salon; with neither, everything (admins only)."""
     request = body or CacheClearRequest()
-    cache = resources.cache
-    if request.salon_id is not None:
-        deleted = await cache.invalidate(request.salon_id, request.report)
-    else:
-        deleted = await cache.clear_all(request.report)
+    deleted = await resources.cache.clear(request.report, request.salon_id)
     await broadcast_clear(resources.engine, request.report, request.salon_id)
     return CacheClearResponse(deleted=deleted)
