@@ -7,19 +7,36 @@ ones (``AT TIME ZONE``); the period's bounds are passed as instants computed by
 ``Period.bounds``. The SQL text is assembled only from the constant fragments below, never from
 caller input; every value is a bound parameter.
 
+Platform-wide reports (UTC calendar) read the rollups of migration 0004 instead of the
+bookings of the period: the hourly platform table for totals and series, the monthly and daily
+service and professional tables for per-service and per-professional totals (whole months
+from the monthly table, the ragged edges from the daily one, see ``rollup_ranges``), and the
+client visit pairs for exact distinct and new client counts. A platform-wide year thus reads
+tens of thousands of small rows instead of ~900,000 bookings. Two parts stay on ``bookings``:
+the ``bookings`` report filtered by professional or service (an index range of one
+professional's or service's rows) and the client counts of the professionals on the page.
+
 Each function returns plain Python values (dates as ``date``, rates as ``float``) in the shapes
 of ``service.reports.schemas``, without ``meta``; ``service.reports.service`` adds the rest.
 """
 
 from __future__ import annotations
 
-from datetime import date
+from dataclasses import dataclass
+from datetime import date, timedelta
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.reports.params import STATUSES, BookingFilters, Granularity, Period, Scope
+from service.reports.params import (
+    STATUSES,
+    BookingFilters,
+    Granularity,
+    Period,
+    Scope,
+    Status,
+)
 
 QUERY_NAMES = {
     "dashboard": "report.dashboard",
@@ -58,9 +75,34 @@ def _bind(scope: Scope, period: Period, **extra: Any) -> dict[str, Any]:
         "end_date": period.end,
         **extra,
     }
-    if not scope.is_platform:
+    if scope.is_platform:
+        params.update(rollup_ranges(period))
+    else:
         params["salon_id"] = scope.salon_id
     return params
+
+
+def rollup_ranges(period: Period) -> dict[str, date]:
+    """The period as whole months plus a head and a tail of single days, half-open each.
+
+    2026-01-15 .. 2026-04-10 is the days [01-15, 02-01), the months [02-01, 04-01) and the
+    days [04-01, 04-11); a period inside one month is all head. Empty ranges have from = to.
+    """
+    after_end = period.end + timedelta(days=1)
+    first_month = period.start
+    if first_month.day != 1:
+        first_month = (first_month.replace(day=28) + timedelta(days=4)).replace(day=1)
+    end_month = after_end.replace(day=1)
+    if first_month >= end_month:
+        first_month = end_month = after_end
+    return {
+        "head_from": period.start,
+        "head_to": first_month,
+        "month_from": first_month,
+        "month_to": end_month,
+        "tail_from": end_month,
+        "tail_to": after_end,
+    }
 
 
 def _named(name: str) -> dict[str, Any]:
@@ -90,7 +132,186 @@ def _new_clients(scope: Scope) -> str:
     """
 
 
+# The daily series and the final row of the dashboard, after CTEs ``totals``, ``clients``,
+# ``new_clients``, ``top_services`` and ``per_day``.
+_DASHBOARD_TAIL = """
+    daily AS (
+        SELECT d.day, coalesce(p.bookings, 0) AS bookings, coalesce(p.completed, 0) AS completed,
+               coalesce(p.revenue_cents, 0) AS revenue_cents
+        FROM generate_series(CAST(:start_date AS date), CAST(:end_date AS date),
+                             interval '1 day') AS d(day)
+        LEFT JOIN per_day p ON p.day = d.day::date
+    )
+    SELECT t.*, c.unique_clients, n.new_clients,
+           round(t.completed::numeric / nullif(t.bookings_total, 0), 4) AS completion_rate,
+           round(t.cancelled::numeric / nullif(t.bookings_total, 0), 4) AS cancellation_rate,
+           round(t.no_show::numeric / nullif(t.bookings_total, 0), 4) AS no_show_rate,
+           round(t.revenue_cents::numeric / nullif(t.completed, 0)) AS average_ticket_cents,
+           (SELECT coalesce(json_agg(json_build_object(
+                        'service_id', service_id, 'name', name, 'bookings', bookings,
+                        'revenue_cents', revenue_cents)
+                    ORDER BY bookings DESC, revenue_cents DESC, service_id), '[]')
+            FROM top_services) AS top_services,
+           (SELECT json_agg(json_build_object(
+                        'date', day::date, 'bookings', bookings, 'completed', completed,
+                        'revenue_cents', revenue_cents) ORDER BY day)
+            FROM daily) AS daily
+    FROM totals t CROSS JOIN clients c CROSS JOIN new_clients n
+"""
+
+
+# The zero-filled series, the split by hour and the final row of the bookings report, after
+# CTEs ``per_bucket``, ``by_category`` and ``per_hour``.
+_BOOKINGS_TAIL = """
+    series AS (
+        SELECT k.bucket_start::date AS bucket_start, coalesce(p.bookings, 0) AS bookings,
+               coalesce(p.completed, 0) AS completed, coalesce(p.cancelled, 0) AS cancelled,
+               coalesce(p.no_show, 0) AS no_show, coalesce(p.revenue_cents, 0) AS revenue_cents
+        FROM generate_series(date_trunc(:unit, CAST(:start_date AS timestamp)),
+                             CAST(:end_date AS timestamp),
+                             CAST('1 ' || :unit AS interval)) AS k(bucket_start)
+        LEFT JOIN per_bucket p ON p.bucket_start = k.bucket_start::date
+    ),
+    by_hour AS (
+        SELECT h.hour, coalesce(p.bookings, 0) AS bookings
+        FROM generate_series(0, 23) AS h(hour) LEFT JOIN per_hour p ON p.hour = h.hour
+    )
+    SELECT
+        (SELECT json_agg(json_build_object(
+                    'bucket_start', bucket_start, 'bookings', bookings, 'completed', completed,
+                    'cancelled', cancelled, 'no_show', no_show, 'revenue_cents', revenue_cents)
+                ORDER BY bucket_start)
+         FROM series) AS series,
+        (SELECT coalesce(json_agg(json_build_object(
+                    'category', category, 'bookings', bookings, 'revenue_cents', revenue_cents)
+                ORDER BY bookings DESC, category), '[]')
+         FROM by_category) AS by_category,
+        (SELECT json_agg(json_build_object('hour', hour, 'bookings', bookings) ORDER BY hour)
+         FROM by_hour) AS by_hour
+"""
+
+
+# Per professional, from ``professional_clients`` (professional, client, completed bookings):
+# clients, those with >= 1 and >= 2 completed bookings; then the figures of the report, with
+# ``nc`` the professional's new clients.
+_CLIENT_STATS = """
+    client_stats AS (
+        SELECT professional_id,
+               count(*) AS unique_clients,
+               count(*) FILTER (WHERE completed >= 2) AS retained_clients,
+               count(*) FILTER (WHERE completed >= 1) AS served_clients
+        FROM professional_clients
+        GROUP BY professional_id
+    )"""
+_CLIENT_FIGURES = """
+               coalesce(cs.unique_clients, 0) AS unique_clients,
+               coalesce(cs.unique_clients, 0) - coalesce(nc.new_clients, 0)
+                   AS returning_clients,
+               coalesce(round(cs.retained_clients::numeric / nullif(cs.served_clients, 0), 4), 0)
+                   AS client_retention_rate"""
+
+
+# -- platform-wide, from the rollups (migration 0004) --------------------------------------
+
+_COUNTERS = (*STATUSES, "revenue_cents")
+
+
+@dataclass(frozen=True, slots=True)
+class _Selected:
+    """Rollup expressions for the bookings a report counts: all, or one status's."""
+
+    status: Status | None = None
+
+    def count(self, status: Status) -> str:
+        return status if self.status in (None, status) else "0"
+
+    @property
+    def bookings(self) -> str:
+        return " + ".join(STATUSES) if self.status is None else self.status
+
+    @property
+    def revenue_cents(self) -> str:
+        return "revenue_cents" if self.status in (None, "completed") else "0"
+
+    def columns(self) -> str:
+        """bookings, one column per status, revenue_cents."""
+        counts = ", ".join(f"{self.count(status)} AS {status}" for status in STATUSES)
+        return f"{self.bookings} AS bookings, {counts}, {self.revenue_cents} AS revenue_cents"
+
+
+def _rollup_hours(selected: _Selected) -> str:
+    """The platform's hourly rollup rows of the period (UTC days)."""
+    return f"""
+        SELECT day, hour, {selected.columns()}
+        FROM platform_hour_rollups
+        WHERE day >= :start_date AND day <= :end_date
+    """
+
+
+def _rollup_totals(dimension: str, selected: _Selected) -> str:
+    """Per-service or per-professional totals of the period: its whole months from the
+    monthly rollup, its head and tail days from the daily one; keys with no bookings left out.
+    """
+    key = f"{dimension}_id"
+    columns = ", ".join(_COUNTERS)
+    sums = ", ".join(f"sum({column}) AS {column}" for column in _COUNTERS)
+    return f"""
+        SELECT {key}, {selected.columns()}
+        FROM (
+            SELECT {key}, {sums} FROM (
+                SELECT {key}, {columns} FROM {dimension}_month_rollups
+                WHERE month >= :month_from AND month < :month_to
+                UNION ALL
+                SELECT {key}, {columns} FROM {dimension}_day_rollups
+                WHERE day >= :head_from AND day < :head_to
+                UNION ALL
+                SELECT {key}, {columns} FROM {dimension}_day_rollups
+                WHERE day >= :tail_from AND day < :tail_to
+            ) AS buckets
+            GROUP BY {key}
+        ) AS totals
+        WHERE {selected.bookings} > 0
+    """
+
+
+def _platform_dashboard_sql() -> str:
+    everything = _Selected()
+    return f"""
+    WITH hours AS MATERIALIZED ({_rollup_hours(everything)}),
+    totals AS (
+        SELECT coalesce(sum(bookings), 0) AS bookings_total,
+               {", ".join(f"coalesce(sum({s}), 0) AS {s}" for s in STATUSES)},
+               coalesce(sum(revenue_cents), 0) AS revenue_cents
+        FROM hours
+    ),
+    visits AS (
+        -- the first visit day in the period of each client of the period (see migration 0004)
+        SELECT coalesce(sum(clients), 0) AS unique_clients,
+               coalesce(sum(clients) FILTER (WHERE prev_day = '-infinity'), 0) AS new_clients
+        FROM client_visit_pairs
+        WHERE day >= :start_date AND day <= :end_date AND prev_day < :start_date
+    ),
+    clients AS (SELECT unique_clients FROM visits),
+    new_clients AS (SELECT new_clients FROM visits),
+    top_services AS (
+        SELECT p.service_id, s.name, p.bookings, p.revenue_cents
+        FROM ({_rollup_totals("service", everything)}
+              ORDER BY bookings DESC, revenue_cents DESC, service_id
+              LIMIT 5) p
+        JOIN services s ON s.id = p.service_id
+    ),
+    per_day AS (
+        SELECT day, sum(bookings) AS bookings, sum(completed) AS completed,
+               sum(revenue_cents) AS revenue_cents
+        FROM hours GROUP BY day
+    ),
+    {_DASHBOARD_TAIL}
+    """
+
+
 def dashboard_sql(scope: Scope) -> str:
+    if scope.is_platform:
+        return _platform_dashboard_sql()
     return f"""
     WITH period AS MATERIALIZED ({
         _period_rows(
@@ -125,28 +346,7 @@ def dashboard_sql(scope: Scope) -> str:
                {_REVENUE} AS revenue_cents
         FROM period GROUP BY day
     ),
-    daily AS (
-        SELECT d.day, coalesce(p.bookings, 0) AS bookings, coalesce(p.completed, 0) AS completed,
-               coalesce(p.revenue_cents, 0) AS revenue_cents
-        FROM generate_series(CAST(:start_date AS date), CAST(:end_date AS date),
-                             interval '1 day') AS d(day)
-        LEFT JOIN per_day p ON p.day = d.day::date
-    )
-    SELECT t.*, c.unique_clients, n.new_clients,
-           round(t.completed::numeric / nullif(t.bookings_total, 0), 4) AS completion_rate,
-           round(t.cancelled::numeric / nullif(t.bookings_total, 0), 4) AS cancellation_rate,
-           round(t.no_show::numeric / nullif(t.bookings_total, 0), 4) AS no_show_rate,
-           round(t.revenue_cents::numeric / nullif(t.completed, 0)) AS average_ticket_cents,
-           (SELECT coalesce(json_agg(json_build_object(
-                        'service_id', service_id, 'name', name, 'bookings', bookings,
-                        'revenue_cents', revenue_cents)
-                    ORDER BY bookings DESC, revenue_cents DESC, service_id), '[]')
-            FROM top_services) AS top_services,
-           (SELECT json_agg(json_build_object(
-                        'date', day::date, 'bookings', bookings, 'completed', completed,
-                        'revenue_cents', revenue_cents) ORDER BY day)
-            FROM daily) AS daily
-    FROM totals t CROSS JOIN clients c CROSS JOIN new_clients n
+    {_DASHBOARD_TAIL}
     """
 
 
@@ -174,7 +374,35 @@ async def dashboard_metrics(conn: AsyncConnection, scope: Scope, period: Period)
     }
 
 
+def _platform_bookings_sql(status: Status | None) -> str:
+    selected = _Selected(status)
+    return f"""
+    WITH hours AS MATERIALIZED ({_rollup_hours(selected)}),
+    per_bucket AS (
+        SELECT date_trunc(:unit, day::timestamp)::date AS bucket_start, sum(bookings) AS bookings,
+               sum(completed) AS completed, sum(cancelled) AS cancelled, sum(no_show) AS no_show,
+               sum(revenue_cents) AS revenue_cents
+        FROM hours GROUP BY 1
+    ),
+    by_category AS (
+        SELECT s.category, sum(p.bookings) AS bookings, sum(p.revenue_cents) AS revenue_cents
+        FROM ({_rollup_totals("service", selected)}) p
+        JOIN services s ON s.id = p.service_id
+        GROUP BY s.category
+    ),
+    per_hour AS (SELECT hour, sum(bookings) AS bookings FROM hours GROUP BY hour),
+    {_BOOKINGS_TAIL}
+    """
+
+
+def _uses_rollups(scope: Scope, filters: BookingFilters) -> bool:
+    """Platform-wide and not narrowed to one professional or service (their own index)."""
+    return scope.is_platform and filters.professional_id is None and filters.service_id is None
+
+
 def bookings_sql(scope: Scope, filters: BookingFilters) -> str:
+    if _uses_rollups(scope, filters):
+        return _platform_bookings_sql(filters.status)
     conditions = []
     if filters.professional_id is not None:
         conditions.append("AND b.professional_id = :professional_id")
@@ -198,15 +426,6 @@ def bookings_sql(scope: Scope, filters: BookingFilters) -> str:
                {_REVENUE} AS revenue_cents
         FROM period GROUP BY 1
     ),
-    series AS (
-        SELECT k.bucket_start::date AS bucket_start, coalesce(p.bookings, 0) AS bookings,
-               coalesce(p.completed, 0) AS completed, coalesce(p.cancelled, 0) AS cancelled,
-               coalesce(p.no_show, 0) AS no_show, coalesce(p.revenue_cents, 0) AS revenue_cents
-        FROM generate_series(date_trunc(:unit, CAST(:start_date AS timestamp)),
-                             CAST(:end_date AS timestamp),
-                             CAST('1 ' || :unit AS interval)) AS k(bucket_start)
-        LEFT JOIN per_bucket p ON p.bucket_start = k.bucket_start::date
-    ),
     by_category AS (
         SELECT s.category, sum(p.bookings) AS bookings, sum(p.revenue_cents) AS revenue_cents
         FROM (
@@ -220,22 +439,7 @@ def bookings_sql(scope: Scope, filters: BookingFilters) -> str:
         SELECT extract(hour FROM local_at)::int AS hour, count(*) AS bookings
         FROM period GROUP BY 1
     ),
-    by_hour AS (
-        SELECT h.hour, coalesce(p.bookings, 0) AS bookings
-        FROM generate_series(0, 23) AS h(hour) LEFT JOIN per_hour p ON p.hour = h.hour
-    )
-    SELECT
-        (SELECT json_agg(json_build_object(
-                    'bucket_start', bucket_start, 'bookings', bookings, 'completed', completed,
-                    'cancelled', cancelled, 'no_show', no_show, 'revenue_cents', revenue_cents)
-                ORDER BY bucket_start)
-         FROM series) AS series,
-        (SELECT coalesce(json_agg(json_build_object(
-                    'category', category, 'bookings', bookings, 'revenue_cents', revenue_cents)
-                ORDER BY bookings DESC, category), '[]')
-         FROM by_category) AS by_category,
-        (SELECT json_agg(json_build_object('hour', hour, 'bookings', bookings) ORDER BY hour)
-         FROM by_hour) AS by_hour
+    {_BOOKINGS_TAIL}
     """
 
 
@@ -267,7 +471,58 @@ async def booking_metrics(
     }
 
 
+def _platform_professionals_sql() -> str:
+    """Every professional's totals and revenue rank from the rollups; the client counts, which
+    need each professional's own clients, only for the page, from the covering index
+    ``idx_bookings_professional_scheduled_covering``."""
+    return f"""
+    WITH per_professional AS ({_rollup_totals("professional", _Selected())}),
+    ranked AS (
+        SELECT pr.id AS professional_id, pr.name,
+               coalesce(pp.bookings, 0) AS bookings,
+               coalesce(pp.completed, 0) AS completed,
+               coalesce(pp.cancelled, 0) AS cancelled,
+               coalesce(pp.no_show, 0) AS no_show,
+               coalesce(pp.revenue_cents, 0) AS revenue_cents,
+               rank() OVER (ORDER BY coalesce(pp.revenue_cents, 0) DESC) AS revenue_rank
+        FROM professionals pr
+        LEFT JOIN per_professional pp ON pp.professional_id = pr.id
+        WHERE pr.is_active OR pp.professional_id IS NOT NULL
+    ),
+    page AS MATERIALIZED (
+        SELECT * FROM ranked
+        WHERE professional_id > coalesce(CAST(:after_id AS bigint), 0)
+        ORDER BY professional_id
+        LIMIT :page_rows
+    ),
+    professional_clients AS (
+        SELECT b.professional_id, b.client_id,
+               count(*) FILTER (WHERE b.status = 'completed') AS completed
+        FROM page p
+        JOIN bookings b ON b.professional_id = p.professional_id
+        WHERE b.scheduled_at >= :start_at AND b.scheduled_at < :end_at
+        GROUP BY b.professional_id, b.client_id
+    ),
+    {_CLIENT_STATS},
+    new_to_professional AS (
+        SELECT f.professional_id, count(*) AS new_clients
+        FROM page p
+        JOIN professional_client_first_bookings f ON f.professional_id = p.professional_id
+        WHERE f.first_at >= :start_at AND f.first_at < :end_at
+        GROUP BY f.professional_id
+    )
+    SELECT p.professional_id, p.name, p.bookings, p.completed, p.cancelled, p.no_show,
+           p.revenue_cents, {_CLIENT_FIGURES}, p.revenue_rank
+    FROM page p
+    LEFT JOIN client_stats cs ON cs.professional_id = p.professional_id
+    LEFT JOIN new_to_professional nc ON nc.professional_id = p.professional_id
+    ORDER BY p.professional_id
+    """
+
+
 def professionals_sql(scope: Scope) -> str:
+    if scope.is_platform:
+        return _platform_professionals_sql()
     pro_scope = "TRUE" if scope.is_platform else "pr.salon_id = :salon_id"
     return f"""
     WITH period AS MATERIALIZED ({
@@ -288,14 +543,7 @@ def professionals_sql(scope: Scope) -> str:
         FROM period
         GROUP BY professional_id, client_id
     ),
-    client_stats AS (
-        SELECT professional_id,
-               count(*) AS unique_clients,
-               count(*) FILTER (WHERE completed >= 2) AS retained_clients,
-               count(*) FILTER (WHERE completed >= 1) AS served_clients
-        FROM professional_clients
-        GROUP BY professional_id
-    ),
+    {_CLIENT_STATS},
     new_to_professional AS (
         -- clients whose first booking with the professional falls in the period
         -- (migration 0003); the others of the period are returning
@@ -315,11 +563,7 @@ def professionals_sql(scope: Scope) -> str:
                coalesce(pp.cancelled, 0) AS cancelled,
                coalesce(pp.no_show, 0) AS no_show,
                coalesce(pp.revenue_cents, 0) AS revenue_cents,
-               coalesce(cs.unique_clients, 0) AS unique_clients,
-               coalesce(cs.unique_clients, 0) - coalesce(nc.new_clients, 0)
-                   AS returning_clients,
-               coalesce(round(cs.retained_clients::numeric / nullif(cs.served_clients, 0), 4), 0)
-                   AS client_retention_rate,
+               {_CLIENT_FIGURES},
                rank() OVER (ORDER BY coalesce(pp.revenue_cents, 0) DESC) AS revenue_rank
         FROM professionals pr
         LEFT JOIN per_professional pp ON pp.professional_id = pr.id

@@ -15,21 +15,14 @@ function-scoped ``clean_db`` fixture, which hypothesis would not re-run per exam
 
 from __future__ import annotations
 
-import asyncio
-import math
-from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import psycopg
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, create_engine
-from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.orm import Session
 
 from benchmarks.naive import (
     naive_bookings,
@@ -37,81 +30,20 @@ from benchmarks.naive import (
     naive_professionals,
     naive_realtime,
 )
-from service.db import async_engine
 from service.reports import queries
 from service.reports.params import BookingFilters, Period, Scope
+from tests.reports.harness import Reports
 from tests.reports.strategies import (
     Case,
     Dataset,
     DatasetBuilder,
     booking_filters,
     cases,
-    load,
 )
 
 GRANULARITIES = ("day", "week", "month")
 PAGE_LIMITS = (2, 3)
 EXAMPLES = settings(max_examples=60, deadline=None)
-
-
-@dataclass
-class Reports:
-    """Runs a report through either implementation on the test database."""
-
-    connection: psycopg.Connection
-    engine: Engine
-    runner: asyncio.Runner
-    sql_engine: AsyncEngine
-
-    def load(self, dataset: Dataset) -> None:
-        load(self.connection, dataset)
-
-    def naive(self, report: Callable[..., Any], *args: Any) -> Any:
-        with Session(self.engine) as session:
-            return report(session, *args)
-
-    def sql(self, report: Callable[..., Coroutine[Any, Any, Any]], *args: Any, **kw: Any) -> Any:
-        async def run() -> Any:
-            async with self.sql_engine.connect() as conn:
-                return await report(conn, *args, **kw)
-
-        return self.runner.run(run())
-
-    def sql_professionals(self, scope: Scope, period: Period, limit: int) -> list[dict[str, Any]]:
-        """Every page of the professionals report, concatenated; checks the keyset paging."""
-        items: list[dict[str, Any]] = []
-        after_id: int | None = None
-        pages = 0
-        while True:
-            page = self.sql(
-                queries.professional_performance, scope, period, limit=limit, after_id=after_id
-            )
-            pages += 1
-            assert len(page["items"]) <= limit
-            items.extend(page["items"])
-            after_id = page["next_after_id"]
-            if after_id is None:
-                break
-            assert pages <= 100, "the cursor never reaches the last page"
-        # The cursor is null on the last page, not one page later.
-        assert pages == max(1, math.ceil(len(items) / limit))
-        return items
-
-
-@pytest.fixture(scope="module")
-def reports(database_url: str, dsn: str) -> Iterator[Reports]:
-    # A private loop (not installed as the thread's current loop, so pytest-asyncio's session
-    # loop is left alone) lets sync hypothesis tests call the async queries.
-    runner = asyncio.Runner(loop_factory=asyncio.new_event_loop)
-    engine = create_engine(database_url)
-    sql_engine = async_engine(database_url, pool_size=2)
-    try:
-        with psycopg.connect(dsn, autocommit=True) as connection:
-            yield Reports(connection, engine, runner, sql_engine)
-    finally:
-        runner.run(sql_engine.dispose())
-        runner.close()
-        engine.dispose()
 
 
 # --- The datasets of the explicit examples ---------------------------------------------------
