@@ -8,8 +8,9 @@ transaction), so a platform-wide year reads a few tens of thousands of small row
 Platform-wide reports use the UTC calendar (SPEC §5), so every bucket is a UTC day, hour or
 month.
 
-- ``platform_hour_rollups (day, hour)``: bookings per status and completed revenue; gives the
-  totals, the daily / weekly / monthly series and the split by hour.
+- ``platform_day_rollups (day)``: bookings per status and completed revenue; gives the totals
+  and the daily / weekly / monthly series. ``platform_hour_rollups (day, hour)``: the same per
+  UTC hour, for the split by hour.
 - ``service_day_rollups (day, service_id)`` and ``service_month_rollups (month, service_id)``:
   the same per service; a period reads its whole months from the monthly table and its ragged
   edges from the daily one (top services, split by category).
@@ -49,6 +50,7 @@ UTC_DAY = "(scheduled_at AT TIME ZONE 'UTC')::date"
 
 # table: (key column, its type, its expression over a booking row)
 COUNTERS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "platform_day_rollups": (("day", "date", UTC_DAY),),
     "platform_hour_rollups": (
         ("day", "date", UTC_DAY),
         ("hour", "smallint", "extract(hour FROM scheduled_at AT TIME ZONE 'UTC')::smallint"),

@@ -8,7 +8,8 @@ ones (``AT TIME ZONE``); the period's bounds are passed as instants computed by
 caller input; every value is a bound parameter.
 
 Platform-wide reports (UTC calendar) read the rollups of migration 0004 instead of the
-bookings of the period: the hourly platform table for totals and series, the monthly and daily
+bookings of the period: the daily platform table for totals and series, the hourly one for
+the split by hour, the monthly and daily
 service and professional tables for per-service and per-professional totals (whole months
 from the monthly table, the ragged edges from the daily one, see ``rollup_ranges``), and the
 client visit pairs for exact distinct and new client counts. A platform-wide year thus reads
@@ -239,11 +240,11 @@ class _Selected:
         return f"{self.bookings} AS bookings, {counts}, {self.revenue_cents} AS revenue_cents"
 
 
-def _rollup_hours(selected: _Selected) -> str:
-    """The platform's hourly rollup rows of the period (UTC days)."""
+def _rollup_days(selected: _Selected) -> str:
+    """The platform's daily rollup rows of the period (UTC days)."""
     return f"""
-        SELECT day, hour, {selected.columns()}
-        FROM platform_hour_rollups
+        SELECT day, {selected.columns()}
+        FROM platform_day_rollups
         WHERE day >= :start_date AND day <= :end_date
     """
 
@@ -277,12 +278,12 @@ def _rollup_totals(dimension: str, selected: _Selected) -> str:
 def _platform_dashboard_sql() -> str:
     everything = _Selected()
     return f"""
-    WITH hours AS MATERIALIZED ({_rollup_hours(everything)}),
+    WITH days AS MATERIALIZED ({_rollup_days(everything)}),
     totals AS (
         SELECT coalesce(sum(bookings), 0) AS bookings_total,
                {", ".join(f"coalesce(sum({s}), 0) AS {s}" for s in STATUSES)},
                coalesce(sum(revenue_cents), 0) AS revenue_cents
-        FROM hours
+        FROM days
     ),
     visits AS (
         -- the first visit day in the period of each client of the period (see migration 0004)
@@ -300,11 +301,7 @@ def _platform_dashboard_sql() -> str:
               LIMIT 5) p
         JOIN services s ON s.id = p.service_id
     ),
-    per_day AS (
-        SELECT day, sum(bookings) AS bookings, sum(completed) AS completed,
-               sum(revenue_cents) AS revenue_cents
-        FROM hours GROUP BY day
-    ),
+    per_day AS (SELECT day, bookings, completed, revenue_cents FROM days),
     {_DASHBOARD_TAIL}
     """
 
@@ -377,12 +374,11 @@ async def dashboard_metrics(conn: AsyncConnection, scope: Scope, period: Period)
 def _platform_bookings_sql(status: Status | None) -> str:
     selected = _Selected(status)
     return f"""
-    WITH hours AS MATERIALIZED ({_rollup_hours(selected)}),
-    per_bucket AS (
+    WITH per_bucket AS (
         SELECT date_trunc(:unit, day::timestamp)::date AS bucket_start, sum(bookings) AS bookings,
                sum(completed) AS completed, sum(cancelled) AS cancelled, sum(no_show) AS no_show,
                sum(revenue_cents) AS revenue_cents
-        FROM hours GROUP BY 1
+        FROM ({_rollup_days(selected)}) AS days GROUP BY 1
     ),
     by_category AS (
         SELECT s.category, sum(p.bookings) AS bookings, sum(p.revenue_cents) AS revenue_cents
@@ -390,7 +386,12 @@ def _platform_bookings_sql(status: Status | None) -> str:
         JOIN services s ON s.id = p.service_id
         GROUP BY s.category
     ),
-    per_hour AS (SELECT hour, sum(bookings) AS bookings FROM hours GROUP BY hour),
+    per_hour AS (
+        SELECT hour, sum({selected.bookings}) AS bookings
+        FROM platform_hour_rollups
+        WHERE day >= :start_date AND day <= :end_date
+        GROUP BY hour
+    ),
     {_BOOKINGS_TAIL}
     """
 

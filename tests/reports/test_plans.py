@@ -96,3 +96,44 @@ def test_per_salon_reports_use_the_covering_index(seeded_url: str, days: int) ->
             report,
             scans,
         )
+
+
+def test_platform_reports_read_the_rollups_not_the_bookings(seeded_url: str) -> None:
+    """Platform-wide, a year: no scan of ``bookings`` except the page of professionals' own
+    rows, read index-only through ``idx_bookings_professional_scheduled_covering``."""
+    scope = Scope(None)
+    today = date.today()
+    period = Period(today - timedelta(days=364), today)
+    statements = {
+        "dashboard": (queries.dashboard_sql(scope), queries._bind(scope, period)),
+        "bookings": (
+            queries.bookings_sql(scope, BookingFilters(status="completed")),
+            queries._bind(
+                scope,
+                period,
+                unit="month",
+                professional_id=None,
+                service_id=None,
+                status="completed",
+            ),
+        ),
+        "professionals": (
+            queries.professionals_sql(scope),
+            queries._bind(scope, period, after_id=None, page_rows=51),
+        ),
+    }
+    for report, (sql, params) in statements.items():
+        nodes = _explain(seeded_url, sql, params)
+        relations = {n["Relation Name"] for n in nodes if "Relation Name" in n}
+        assert relations & {"platform_day_rollups", "professional_month_rollups"}, report
+        scans = [
+            (n["Node Type"], n.get("Index Name"))
+            for n in nodes
+            if n.get("Relation Name") == "bookings"
+        ]
+        if report == "professionals":
+            assert scans == [("Index Only Scan", "idx_bookings_professional_scheduled_covering")], (
+                scans
+            )
+        else:
+            assert scans == [], (report, scans)

@@ -29,6 +29,7 @@ _UTC = "scheduled_at AT TIME ZONE 'UTC'"
 _DAY = f"({_UTC})::date"
 _MONTH = f"date_trunc('month', {_UTC})::date"
 COUNTERS = {
+    "platform_day_rollups": (("day", _DAY),),
     "platform_hour_rollups": (("day", _DAY), ("hour", f"extract(hour FROM {_UTC})::int")),
     "service_day_rollups": (("day", _DAY), ("service_id", "service_id")),
     "service_month_rollups": (("month", _MONTH), ("service_id", "service_id")),
@@ -50,7 +51,7 @@ def _sql_pairs() -> dict[str, tuple[str, str]]:
             f"SELECT {', '.join(name for name, _ in keys)}, {', '.join(STATUSES)},"
             f" revenue_cents FROM {table} WHERE {_NONZERO}",
             f"SELECT {', '.join(expression for _, expression in keys)}, {_COUNTS}, {_REVENUE}"
-            " FROM bookings GROUP BY 1, 2",
+            f" FROM bookings GROUP BY {', '.join(str(n + 1) for n in range(len(keys)))}",
         )
         for table, keys in COUNTERS.items()
     }
