@@ -11,6 +11,7 @@ import jwt
 Role = Literal["admin", "ops", "owner"]
 ROLES: tuple[str, ...] = get_args(Role)
 ALGORITHM = "HS256"
+LATEST_EXPIRY = 253_402_300_799  # 9999-12-31T23:59:59Z: beyond it, not a real expiry
 
 
 class InvalidToken(Exception):
@@ -64,8 +65,12 @@ def decode_token(secret: str, token: str) -> Principal:
         raise InvalidToken(str(error)) from error
     role = claims.get("role")
     subject = claims.get("sub")
-    if role not in ROLES or not isinstance(subject, str):
+    if role not in ROLES or not isinstance(subject, str) or not subject:
         raise InvalidToken("unknown role or subject")
+    expiry = claims["exp"]
+    # PyJWT accepts any `int()`-able expiry ("123", 10**400); only a plain number is one.
+    if isinstance(expiry, bool) or not isinstance(expiry, int | float) or expiry > LATEST_EXPIRY:
+        raise InvalidToken("exp must be a number of seconds since the epoch")
     raw_ids = claims.get("salon_ids", [])
     if role == "owner":
         if not isinstance(raw_ids, list) or not all(
@@ -75,9 +80,7 @@ def decode_token(secret: str, token: str) -> Principal:
         salon_ids = frozenset(raw_ids)
     else:
         salon_ids = frozenset()
-    return Principal(
-        subject=subject, role=role, salon_ids=salon_ids, expires_at=float(claims["exp"])
-    )
+    return Principal(subject=subject, role=role, salon_ids=salon_ids, expires_at=float(expiry))
 
 
 class TokenVerifier:

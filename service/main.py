@@ -25,6 +25,7 @@ from service.page import router as page_router
 from service.performance import StatsPublisher
 from service.performance import router as performance_router
 from service.reports.endpoints import router as reports_router
+from service.reports.schemas import error_responses
 from service.reports.service import ReportService
 from telemetry.metrics import PoolGauges
 from telemetry.middleware import TelemetryMiddleware
@@ -171,9 +172,9 @@ def create_app(settings: Settings | None = None, telemetry: Telemetry | None = N
     app.state.settings = settings
     app.state.telemetry = telemetry
     install_error_handlers(app)
-    app.include_router(health_router)
+    app.include_router(health_router, responses=error_responses(503))
     app.include_router(reports_router)
-    app.include_router(performance_router)
+    app.include_router(performance_router, responses=error_responses(401, 403))
     app.include_router(page_router)
     app.add_middleware(
         TelemetryMiddleware,

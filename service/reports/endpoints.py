@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
-from datetime import date
+from datetime import date, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
 from service.auth import Principal
@@ -16,6 +19,8 @@ from service.deps import AdminDep, PrincipalDep, ReportServiceDep, ResourcesDep
 from service.errors import APIError
 from service.invalidation import broadcast_clear
 from service.reports.params import (
+    EARLIEST_DATE,
+    LATEST_DATE,
     MAX_PERIOD_DAYS,
     BookingFilters,
     Granularity,
@@ -27,29 +32,23 @@ from service.reports.params import (
 from service.reports.schemas import (
     BookingsReport,
     DashboardReport,
-    ErrorBody,
     ProfessionalsReport,
     RealtimeReport,
+    error_responses,
 )
 from service.reports.service import ReportService, decode_cursor
 
 PREFIX = "/api/v1/optimized-reports"
 MAX_ID = 2**63 - 1
 ISO_DATE = r"^\d{4}-\d{2}-\d{2}$"
+MAX_CLEAR_BODY_BYTES = 4096
+INTEGER_PARAMETERS = frozenset({"salon_id", "professional_id", "service_id", "limit"})
+PLAIN_DECIMAL = re.compile(r"[0-9]+")
+MAX_QUERY_BYTES = 2048  # the longest honest query (every parameter, a cursor) is under 400
 
 router = APIRouter(prefix=PREFIX, tags=["reports"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": description}
-    for status, description in {
-        400: "Malformed cursor",
-        401: "Missing, invalid or expired token",
-        403: "Valid token, but the salon or report is out of its scope",
-        404: "Unknown salon",
-        422: "Invalid parameters",
-        503: "Database unavailable (retry after the Retry-After header)",
-    }.items()
-}
+ERRORS = error_responses(400, 401, 403, 404, 414, 422, 503)
 
 SalonQuery = Annotated[
     int | None,
@@ -72,14 +71,24 @@ def _parse_date(value: str, name: str) -> date:
         raise APIError(422, "validation_error", f"{name}: not a calendar date") from None
 
 
+def _check_range(day: date, name: str) -> date:
+    if not EARLIEST_DATE <= day <= LATEST_DATE:
+        raise APIError(
+            422,
+            "validation_error",
+            f"{name}: must be between {EARLIEST_DATE.isoformat()} and {LATEST_DATE.isoformat()}",
+        )
+    return day
+
+
 def parse_period(start: str | None, end: str | None, today: date) -> Period:
     """The period asked for, or the 30 days ending today; 422 when it makes no sense."""
     default = default_period(today)
-    end_day = _parse_date(end, "end") if end is not None else default.end
+    end_day = _check_range(_parse_date(end, "end"), "end") if end is not None else default.end
     if start is not None:
-        start_day = _parse_date(start, "start")
+        start_day = _check_range(_parse_date(start, "start"), "start")
     elif end is not None:
-        start_day = date.fromordinal(end_day.toordinal() - (default.days - 1))
+        start_day = _check_range(end_day - timedelta(days=default.days - 1), "start")
     else:
         start_day = default.start
     if start_day > end_day:
@@ -102,9 +111,31 @@ def authorise_report(principal: Principal, salon_id: int | None) -> None:
             raise APIError(403, "forbidden", "this salon is not in the token's scope")
 
 
+def check_query(request: Request) -> None:
+    """Refuse a query string whose meaning a proxy, a log or a rate limiter could read otherwise.
+
+    414 for a query far longer than any honest one; 422 for a parameter given twice (a proxy
+    checking the first ``salon_id`` while the service serves the last would be a hole) and for
+    an integer spelt other than ASCII digits (pydantic reads "+7", " 7" and "1_0" as numbers).
+    Leading zeros stay allowed: "07" is 7 to every reader, and shares 7's cache entry. Unknown
+    parameters are ignored, as HTTP caches and cache-busters expect.
+    """
+    if len(request.url.query) > MAX_QUERY_BYTES:
+        raise APIError(414, "uri_too_long", f"the query string is over {MAX_QUERY_BYTES} bytes")
+    items = request.query_params.multi_items()
+    names = [name for name, _ in items]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise APIError(422, "validation_error", f"{', '.join(repeated)}: may be given only once")
+    for name, value in items:
+        if name in INTEGER_PARAMETERS and not PLAIN_DECIMAL.fullmatch(value):
+            raise APIError(422, "validation_error", f"{name}: write it in plain digits, like 42")
+
+
 async def _scope(
     request: Request, reports: ReportService, principal: Principal, salon_id: int | None
 ) -> Scope:
+    check_query(request)
     authorise_report(principal, salon_id)
     scope = await reports.resolve_scope(salon_id)
     request.state.salon_id = salon_id
@@ -228,7 +259,8 @@ async def realtime(
 
 
 class CacheClearRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: `true` or `"7"` is not salon 7; a typo must not clear another scope.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     report: Literal["dashboard", "bookings", "professionals"] | None = Field(
         None, description="Only this report; omit for all."
@@ -240,12 +272,67 @@ class CacheClearResponse(BaseModel):
     deleted: int
 
 
-@router.post("/cache/clear", response_model=CacheClearResponse, responses=ERRORS)
-async def clear_cache(
-    _: AdminDep, resources: ResourcesDep, body: CacheClearRequest | None = None
-) -> CacheClearResponse:
+async def _clear_request(request: Request) -> CacheClearRequest:
+    """The optional JSON body, read only once the caller is known to be an admin.
+
+    FastAPI would parse a declared body before any dependency runs, answering a stranger's
+    malformed JSON with 422 instead of 401; so the body is declared in OpenAPI and read here.
+    """
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_CLEAR_BODY_BYTES:
+            raise APIError(413, "payload_too_large", "the body is larger than a cache-clear needs")
+    if not raw.strip():
+        return CacheClearRequest()
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(
+            415, "unsupported_media_type", "the body must be JSON (Content-Type: application/json)"
+        )
+    try:
+        document = json.loads(raw, object_pairs_hook=_without_repeated_keys)
+    except RepeatedKey as error:
+        raise APIError(422, "validation_error", f"body: {error}") from None
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
+        raise APIError(422, "validation_error", "body: not valid JSON") from None
+    if not isinstance(document, dict):
+        raise APIError(422, "validation_error", "body: must be a JSON object")
+    try:
+        return CacheClearRequest.model_validate(document)
+    except ValidationError as error:
+        raise RequestValidationError(
+            [{**detail, "loc": ("body", *detail["loc"])} for detail in error.errors()]
+        ) from None
+
+
+class RepeatedKey(ValueError):
+    pass
+
+
+def _without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON parsers keep the last of two equal keys; which one counts must not be a guess."""
+    names = [name for name, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise RepeatedKey(f"{', '.join(repeated)} given more than once")
+    return dict(pairs)
+
+
+@router.post(
+    "/cache/clear",
+    response_model=CacheClearResponse,
+    responses=error_responses(401, 403, 413, 415, 422, 503),
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": CacheClearRequest.model_json_schema()}},
+        }
+    },
+)
+async def clear_cache(_: AdminDep, request: Request, resources: ResourcesDep) -> CacheClearResponse:
     """Drop cached reports by report and/or salon; with neither, everything (admins only)."""
-    request = body or CacheClearRequest()
-    deleted = await resources.cache.clear(request.report, request.salon_id)
-    await broadcast_clear(resources.engine, request.report, request.salon_id)
+    body = await _clear_request(request)
+    deleted = await resources.cache.clear(body.report, body.salon_id)
+    await broadcast_clear(resources.engine, body.report, body.salon_id)
     return CacheClearResponse(deleted=deleted)

@@ -13,6 +13,10 @@ STATUSES: tuple[Status, ...] = ("pending", "confirmed", "completed", "cancelled"
 MAX_PERIOD_DAYS = 366
 DEFAULT_PERIOD_DAYS = 30
 PLATFORM_TIMEZONE = "UTC"
+# Far enough inside `date.min`/`date.max` that a period's bounds, its week and month buckets
+# and any time zone's offset stay representable (the day after 9999-12-31 is not).
+EARLIEST_DATE = date(1900, 1, 1)
+LATEST_DATE = date(9998, 12, 31)
 
 
 @dataclass(frozen=True, slots=True)
