@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DEMO_BOOKINGS ?= 200000
 
-.PHONY: run test services stop lint bench loadtest install ops-tools browser-tools clean
+.PHONY: run test services stop lint bench loadtest chaos install ops-tools browser-tools clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ bench: install services
 
 loadtest: install services
 	$(BIN)/python -m benchmarks.load
+
+# Faults under load (tests/chaos): Redis killed and slowed, PostgreSQL restarted, the pool run
+# dry, SIGTERM, then nothing lost or leaked; figures in benchmarks/results/chaos-latest.json.
+chaos: install services
+	$(BIN)/pytest -m chaos tests/chaos
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

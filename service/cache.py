@@ -46,6 +46,7 @@ from opentelemetry import trace
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from service.errors import DatabaseUnavailable
 from telemetry import attributes as attr
 
 logger = logging.getLogger("service.cache")
@@ -315,6 +316,11 @@ class ReportCache:
 
     async def fetch(self, key: CacheKey, ttl: float, compute: Compute) -> Outcome:
         """Serve ``key`` from the cache, or compute it once and store it."""
+        parent = trace.get_current_span().get_span_context()
+        if parent.is_valid and not parent.trace_flags.sampled:
+            # An unsampled request: its child spans would be dropped anyway (parent-based
+            # sampling), so none is made; most of the cost of tracing a hit is span objects.
+            return await self._fetch(key, ttl, compute)
         with self.tracer.start_as_current_span(
             "cache.get", attributes={attr.REPORT_NAME: key.report, attr.CACHE_OPERATION: "get"}
         ) as span:
@@ -334,7 +340,17 @@ class ReportCache:
         # Consult the breaker only when Redis will really be called: a half-open breaker lets
         # one probe through, and that probe must reach Redis to close it again.
         if not (trusted and self.breaker.allow()):
-            outcome = await self._single_flight(key.key, lambda: self._compute(compute, ttl))
+            try:
+                outcome = await self._single_flight(key.key, lambda: self._compute(compute, ttl))
+            except DatabaseUnavailable:
+                if trusted:
+                    raise  # Redis is unusable: nothing to fall back to
+                kept = await self._last_known(key)
+                if kept is None:
+                    raise
+                return Outcome(
+                    kept, CacheResult.STALE, cache_ms=(time.perf_counter() - started) * 1000
+                )
             outcome.result = CacheResult.BYPASS
             return outcome
         try:
@@ -352,11 +368,38 @@ class ReportCache:
                 return Outcome(entry, CacheResult.HIT, cache_ms=cache_ms)
             self._refresh_in_background(key, ttl, compute)
             return Outcome(entry, CacheResult.STALE, cache_ms=cache_ms)
-        outcome = await self._single_flight(key.key, lambda: self._fill(key, ttl, compute))
+
+        async def fill() -> Outcome:
+            # Only the request that ran the computation keeps it locally, under the generation
+            # it began with: one that joined it later may have begun after an invalidation
+            # that the shared result predates.
+            filled = await self._fill(key, ttl, compute)
+            if filled.result in (CacheResult.MISS, CacheResult.HIT):
+                self.local.put(key, filled.entry, generation)
+            return filled
+
+        outcome = await self._single_flight(key.key, fill)
         outcome.cache_ms += cache_ms
-        if outcome.result in (CacheResult.MISS, CacheResult.HIT):
-            self.local.put(key, outcome.entry, generation)
         return outcome
+
+    async def _last_known(self, key: CacheKey) -> CacheEntry | None:
+        """What the cache holds for ``key`` (within its grace), for when the database is down.
+
+        The invalidation listener connects to the same database, so while PostgreSQL is
+        unreachable it is disconnected and the cache untrusted; but then nobody can change
+        bookings either, and an entry in its grace beats a 503 (as for stale entries). It is
+        served ``STALE`` and with no freshness left, so no client keeps it.
+        """
+        entry = self.local.get(key)
+        if entry is None and self.redis is not None and self.breaker.allow():
+            try:
+                raw = await self._call(self.redis.get(key.key))
+            except (TimeoutError, RedisError, OSError):
+                return None
+            entry = None if raw is None else CacheEntry.decode(raw)
+        if entry is None:
+            return None
+        return CacheEntry(entry.body, entry.digest, min(entry.fresh_until, self.clock()))
 
     async def _single_flight(self, name: str, make: Callable[[], Awaitable[Outcome]]) -> Outcome:
         """One computation per name in this process; the others await its outcome."""
@@ -459,7 +502,6 @@ class ReportCache:
         self, key: CacheKey, entry: CacheEntry, ttl: float, epoch: str, token: str | None
     ) -> None:
         assert self._store is not None
-        assert self._release is not None
         lifetime_ms = int((ttl + self.stale_grace) * 1000)
         with self.tracer.start_as_current_span(
             "cache.set", attributes={attr.REPORT_NAME: key.report, attr.CACHE_OPERATION: "set"}
@@ -473,10 +515,16 @@ class ReportCache:
                 )
                 if not stored:
                     logger.debug("not caching %s: invalidated while it was computed", key.report)
-                if token is not None:
-                    await self._call(self._release(keys=[key.lock_key], args=[token]))
-            except (TimeoutError, RedisError, OSError):
-                logger.warning("could not store a %s report in the cache", key.report)
+            except (TimeoutError, RedisError, OSError) as error:
+                logger.warning(
+                    "could not store a %s report in the cache: %s",
+                    key.report,
+                    type(error).__name__,
+                )
+            # Released even when the store failed: the other processes polling for this key
+            # would otherwise wait out the whole lease, longer than any client waits.
+            if token is not None:
+                await self._unlock(key, token)
 
     async def _unlock(self, key: CacheKey, token: str) -> None:
         assert self._release is not None
@@ -518,7 +566,12 @@ class ReportCache:
         reports = REPORTS if report is None else (report,)
         probe = CacheKey(reports[0], scope_tag(salon_id), "")
         keys = [probe.epoch_key] + [CacheKey(name, probe.tag, "").tracked_key for name in reports]
-        deleted = await self._call(self._invalidate(keys=keys))
+        try:
+            deleted = await self._call(self._invalidate(keys=keys))
+        finally:
+            # Again: a request between the first drop and the script may have copied a
+            # Redis entry the script has just deleted into the local tier.
+            self.local.drop(scope_tag(salon_id), report)
         return int(deleted)
 
     async def invalidate_salons(self, salon_ids: set[int]) -> int:

@@ -1,0 +1,71 @@
+"""Two cache failure paths that `make chaos` found broken, pinned down without any load."""
+
+from __future__ import annotations
+
+import psycopg
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from service.cache import NAMESPACE
+from service.config import Settings
+from service.db import async_engine
+from tests.conftest import RunningApi, app_settings
+from tests.factories import small_dataset
+
+
+def lock_keys(url: str) -> list[str]:
+    client = redis.Redis.from_url(url)
+    try:
+        return [name.decode() for name in client.scan_iter(match=f"{NAMESPACE}:*:lock")]
+    finally:
+        client.close()
+
+
+async def test_a_failed_store_still_releases_the_fill_lock(
+    base_settings: Settings, database_url: str, db: psycopg.Connection, redis_url: str
+) -> None:
+    """Otherwise every other worker waits for that key until the lease runs out (15 s)."""
+    salon = small_dataset(db)["lisbon"]
+    settings = app_settings(base_settings, database_url, redis_url, cache_local_entries=0)
+    async with RunningApi(settings) as api:
+        cache = api.resources.cache
+
+        async def store_fails(*_: object, **__: object) -> None:
+            raise RedisConnectionError("connection reset")
+
+        cache._store = store_fails  # type: ignore[assignment]
+        response = await api.report("dashboard", salon_id=salon)
+        assert response.status_code == 200
+        assert response.headers["x-cache"] == "MISS"
+        assert lock_keys(redis_url) == []
+
+
+async def test_cached_answers_outlive_a_database_outage_that_drops_the_listener(
+    base_settings: Settings, database_url: str, db: psycopg.Connection, redis_url: str
+) -> None:
+    """PostgreSQL down also cuts the invalidation listener (same server): the cache is then
+    untrusted, but an entry it holds beats a 503, served STALE and not to be kept."""
+    salon = small_dataset(db)["lisbon"]
+    settings = app_settings(base_settings, database_url, redis_url)
+    async with RunningApi(settings) as api:
+        cached = await api.report("dashboard", salon_id=salon)
+        assert cached.status_code == 200
+        reports = api.resources.reports
+        healthy = reports.engine
+        reports.engine = async_engine(
+            healthy.url.set(port=1).render_as_string(hide_password=False), pool_timeout=0.5
+        )
+        api.resources.cache.listener_healthy = False  # as the listener's connection drops
+        try:
+            served = await api.report("dashboard", salon_id=salon)
+            assert served.status_code == 200
+            assert served.headers["x-cache"] == "STALE"
+            assert served.headers["cache-control"] == "private, max-age=0"
+            assert served.content == cached.content
+            cold = await api.report("bookings", salon_id=salon)
+            assert cold.status_code == 503
+            assert cold.json()["error"]["code"] == "database_unavailable"
+        finally:
+            await reports.engine.dispose()
+            reports.engine = healthy
+            api.resources.cache.listener_healthy = True
