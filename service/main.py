@@ -168,6 +168,10 @@ def create_app(settings: Settings | None = None, telemetry: Telemetry | None = N
             "performance. Bearer tokens come from `salon-reports token`."
         ),
         lifespan=_lifespan,
+        # FastAPI's own OpenTelemetry support stays off: TelemetryMiddleware makes the server
+        # span and the metrics (one span per request, not one per dependency), and the check
+        # whether global providers are set would otherwise run on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.telemetry = telemetry

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import resource
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,8 +111,12 @@ class Instruments:
             description="Rows returned by database statements, by query name.",
             explicit_bucket_boundaries_advisory=ROW_BUCKETS,
         )
-        self.cache_requests = meter.create_counter(
+        # Counted in a plain dict and observed at collection: exact at every scrape, and a
+        # dict increment on the request path instead of an SDK measurement.
+        self.cache_counts: Counter[tuple[str, str]] = Counter()
+        meter.create_observable_counter(
             "reports.cache.requests",
+            callbacks=[self._cache_requests],
             unit="{request}",
             description="Report cache lookups by report and result.",
         )
@@ -151,6 +156,13 @@ class Instruments:
             unit="By",
             description="Memory available to the process (cgroup limit, else physical).",
         )
+
+    def count_cache(self, report: str, result: str) -> None:
+        self.cache_counts[(report, result)] += 1
+
+    def _cache_requests(self, _: CallbackOptions) -> Iterable[Observation]:
+        for (report, result), count in list(self.cache_counts.items()):
+            yield Observation(count, {attr.REPORT_NAME: report, attr.CACHE_RESULT: result})
 
     def _connection_count(self, _: CallbackOptions) -> Iterable[Observation]:
         for pool in self.pools:

@@ -157,14 +157,9 @@ class TelemetryMiddleware:
         state = scope.get("state") or {}
         cache_result = state.get("cache_result")
         if cache_result is not None:
-            self.stats.record_cache(state.get("report_name", "unknown"), str(cache_result))
-            self.instruments.cache_requests.add(
-                1,
-                {
-                    attr.REPORT_NAME: state.get("report_name", "unknown"),
-                    attr.CACHE_RESULT: str(cache_result),
-                },
-            )
+            report_name = state.get("report_name", "unknown")
+            self.stats.record_cache(report_name, str(cache_result))
+            self.instruments.count_cache(report_name, str(cache_result))
         self._check_n_plus_one(request, f"{method} {route}")
         if span.is_recording():
             span.update_name(f"{method} {route}")
