@@ -50,10 +50,7 @@ ResourcesDep = Annotated[Resources, Depends(get_resources)]
 _bearer = HTTPBearer(auto_error=False, description="A token from `salon-reports token`.")
 
 
-async def get_principal(
-    resources: ResourcesDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
+def _verify(resources: Resources, credentials: HTTPAuthorizationCredentials | None) -> Principal:
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
         raise APIError(401, "unauthorized", "missing bearer token", challenge)
@@ -61,6 +58,19 @@ async def get_principal(
         return resources.tokens.verify(credentials.credentials)
     except InvalidToken:
         raise APIError(401, "unauthorized", "invalid or expired token", challenge) from None
+
+
+async def get_principal(
+    resources: ResourcesDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    return _verify(resources, credentials)
+
+
+async def authenticate(request: Request) -> Principal:
+    """``get_principal`` without the dependency machinery, for the report endpoints' hot path
+    (their OpenAPI declares the same bearer scheme; see ``service.reports.endpoints``)."""
+    return _verify(request.app.state.resources, await _bearer(request))
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import Annotated, Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
 from service.auth import Principal
 from service.cache import CacheResult, Outcome
-from service.deps import AdminDep, PrincipalDep, ReportServiceDep, ResourcesDep
+from service.deps import AdminDep, ResourcesDep, authenticate
 from service.errors import APIError
 from service.invalidation import broadcast_clear
 from service.reports.params import (
@@ -50,18 +51,69 @@ router = APIRouter(prefix=PREFIX, tags=["reports"])
 
 ERRORS = error_responses(400, 401, 403, 404, 414, 422, 503)
 
-SalonQuery = Annotated[
-    int | None,
-    Query(ge=1, le=MAX_ID, description="The salon; omit for platform-wide (admins only)."),
-]
-StartQuery = Annotated[
-    str | None,
-    Query(pattern=ISO_DATE, description="First day, inclusive (YYYY-MM-DD, salon-local)."),
-]
-EndQuery = Annotated[
-    str | None,
-    Query(pattern=ISO_DATE, description="Last day, inclusive (YYYY-MM-DD, salon-local)."),
-]
+# -- query parameters -------------------------------------------------------------------
+#
+# The report endpoints read their parameters from the request themselves, through these
+# models, instead of declaring them as FastAPI parameters and dependencies: on a cached
+# request FastAPI's dependency solving cost more than everything else together. The OpenAPI
+# document declares them from the same models (``_documented``), with the bearer scheme.
+
+
+class _Query(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)  # unknown parameters are ignored
+
+
+class SalonQuery(_Query):
+    salon_id: int | None = Field(
+        None, ge=1, le=MAX_ID, description="The salon; omit for platform-wide (admins only)."
+    )
+
+
+class PeriodQuery(SalonQuery):
+    start: str | None = Field(
+        None, pattern=ISO_DATE, description="First day, inclusive (YYYY-MM-DD, salon-local)."
+    )
+    end: str | None = Field(
+        None, pattern=ISO_DATE, description="Last day, inclusive (YYYY-MM-DD, salon-local)."
+    )
+
+
+class BookingsQuery(PeriodQuery):
+    granularity: Granularity = "day"
+    professional_id: int | None = Field(None, ge=1, le=MAX_ID)
+    service_id: int | None = Field(None, ge=1, le=MAX_ID)
+    status: Status | None = None
+
+
+class ProfessionalsQuery(PeriodQuery):
+    limit: int = Field(50, ge=1, le=200)
+    cursor: str | None = Field(None, max_length=200)
+
+
+Q = TypeVar("Q", bound=_Query)
+P = TypeVar("P", bound=PeriodQuery)
+
+
+def _documented(model: type[_Query]) -> dict[str, Any]:
+    """OpenAPI for a report operation: its query parameters and the bearer scheme."""
+    parameters = []
+    for name, schema in model.model_json_schema()["properties"].items():
+        description = schema.pop("description", None)
+        parameter: dict[str, Any] = {"name": name, "in": "query", "required": False}
+        if description:
+            parameter["description"] = description
+        parameters.append({**parameter, "schema": schema})
+    return {"parameters": parameters, "security": [{"HTTPBearer": []}]}
+
+
+def read_query(request: Request, model: type[Q]) -> Q:
+    """The request's parameters as ``model``; 422 (as FastAPI words it) when they are invalid."""
+    try:
+        return model.model_validate(dict(request.query_params))
+    except ValidationError as error:
+        raise RequestValidationError(
+            [{**detail, "loc": ("query", *detail["loc"])} for detail in error.errors()]
+        ) from None
 
 
 def _parse_date(value: str, name: str) -> date:
@@ -132,29 +184,36 @@ def check_query(request: Request) -> None:
             raise APIError(422, "validation_error", f"{name}: write it in plain digits, like 42")
 
 
-async def _scope(
-    request: Request, reports: ReportService, principal: Principal, salon_id: int | None
-) -> Scope:
+@dataclass(frozen=True, slots=True)
+class ReportCall(Generic[Q]):
+    """An authorised report request: who asks, with what, for which scope and period."""
+
+    principal: Principal
+    reports: ReportService
+    query: Q
+    scope: Scope
+
+
+async def _authorised(request: Request, report: str, model: type[Q]) -> ReportCall[Q]:
+    """Name the report for telemetry, authenticate, read and check the parameters, authorise,
+    resolve the salon: 401, then 422 / 414, then 403, then 404."""
+    request.state.report_name = report
+    principal = await authenticate(request)
+    query = read_query(request, model)
     check_query(request)
+    salon_id = getattr(query, "salon_id", None)
     authorise_report(principal, salon_id)
+    reports: ReportService = request.app.state.resources.reports
     scope = await reports.resolve_scope(salon_id)
     request.state.salon_id = salon_id
-    return scope
+    return ReportCall(principal, reports, query, scope)
 
 
-async def _begin(
-    request: Request,
-    report: str,
-    reports: ReportService,
-    principal: Principal,
-    salon_id: int | None,
-    start: str | None,
-    end: str | None,
-) -> tuple[Scope, Period]:
-    """Name the report for telemetry, authorise, resolve the salon, parse the period."""
-    request.state.report_name = report
-    scope = await _scope(request, reports, principal, salon_id)
-    return scope, parse_period(start, end, reports.today(scope))
+async def _begin(request: Request, report: str, model: type[P]) -> tuple[ReportCall[P], Period]:
+    """``_authorised`` plus the period asked for."""
+    call = await _authorised(request, report, model)
+    today = call.reports.today(call.scope)
+    return call, parse_period(call.query.start, call.query.end, today)
 
 
 def report_response(
@@ -187,74 +246,69 @@ def _etag_matches(header: str, etag: str) -> bool:
     return "*" in candidates or etag in candidates
 
 
-@router.get("/dashboard", response_model=DashboardReport, responses=ERRORS)
-async def dashboard(
-    request: Request,
-    principal: PrincipalDep,
-    reports: ReportServiceDep,
-    salon_id: SalonQuery = None,
-    start: StartQuery = None,
-    end: EndQuery = None,
-) -> Response:
+@router.get(
+    "/dashboard",
+    response_model=DashboardReport,
+    responses=ERRORS,
+    openapi_extra=_documented(PeriodQuery),
+)
+async def dashboard(request: Request) -> Response:
     """Totals, rates, clients, top services and the daily series of a period."""
     started = time.perf_counter()
-    scope, period = await _begin(request, "dashboard", reports, principal, salon_id, start, end)
-    outcome = await reports.dashboard(principal, scope, period)
+    call, period = await _begin(request, "dashboard", PeriodQuery)
+    outcome = await call.reports.dashboard(call.principal, call.scope, period)
     return report_response(request, outcome, started)
 
 
-@router.get("/bookings", response_model=BookingsReport, responses=ERRORS)
-async def bookings(
-    request: Request,
-    principal: PrincipalDep,
-    reports: ReportServiceDep,
-    salon_id: SalonQuery = None,
-    start: StartQuery = None,
-    end: EndQuery = None,
-    granularity: Granularity = "day",
-    professional_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
-    service_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
-    status: Status | None = None,
-) -> Response:
+@router.get(
+    "/bookings",
+    response_model=BookingsReport,
+    responses=ERRORS,
+    openapi_extra=_documented(BookingsQuery),
+)
+async def bookings(request: Request) -> Response:
     """Bookings over time (day, week or month), by category and by local hour."""
     started = time.perf_counter()
-    scope, period = await _begin(request, "bookings", reports, principal, salon_id, start, end)
-    filters = BookingFilters(professional_id=professional_id, service_id=service_id, status=status)
-    outcome = await reports.bookings(principal, scope, period, granularity, filters)
+    call, period = await _begin(request, "bookings", BookingsQuery)
+    query = call.query
+    filters = BookingFilters(
+        professional_id=query.professional_id, service_id=query.service_id, status=query.status
+    )
+    outcome = await call.reports.bookings(
+        call.principal, call.scope, period, query.granularity, filters
+    )
     return report_response(request, outcome, started)
 
 
-@router.get("/professionals", response_model=ProfessionalsReport, responses=ERRORS)
-async def professionals(
-    request: Request,
-    principal: PrincipalDep,
-    reports: ReportServiceDep,
-    salon_id: SalonQuery = None,
-    start: StartQuery = None,
-    end: EndQuery = None,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
-) -> Response:
+@router.get(
+    "/professionals",
+    response_model=ProfessionalsReport,
+    responses=ERRORS,
+    openapi_extra=_documented(ProfessionalsQuery),
+)
+async def professionals(request: Request) -> Response:
     """Per-professional performance with client retention, keyset-paginated."""
     started = time.perf_counter()
-    scope, period = await _begin(request, "professionals", reports, principal, salon_id, start, end)
-    after_id = decode_cursor(cursor) if cursor is not None else None
-    outcome = await reports.professionals(principal, scope, period, limit, after_id)
+    call, period = await _begin(request, "professionals", ProfessionalsQuery)
+    query = call.query
+    after_id = decode_cursor(query.cursor) if query.cursor is not None else None
+    outcome = await call.reports.professionals(
+        call.principal, call.scope, period, query.limit, after_id
+    )
     return report_response(request, outcome, started)
 
 
-@router.get("/realtime", response_model=RealtimeReport, responses=ERRORS)
-async def realtime(
-    request: Request,
-    principal: PrincipalDep,
-    reports: ReportServiceDep,
-    salon_id: SalonQuery = None,
-) -> Response:
+@router.get(
+    "/realtime",
+    response_model=RealtimeReport,
+    responses=ERRORS,
+    openapi_extra=_documented(SalonQuery),
+)
+async def realtime(request: Request) -> Response:
     """Today's bookings by status and revenue so far (salon-local day); never cached."""
     started = time.perf_counter()
-    request.state.report_name = "realtime"
-    scope = await _scope(request, reports, principal, salon_id)
-    outcome = await reports.realtime(scope)
+    call = await _authorised(request, "realtime", SalonQuery)
+    outcome = await call.reports.realtime(call.scope)
     return report_response(request, outcome, started, cacheable=False)
 
 
