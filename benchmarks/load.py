@@ -687,6 +687,15 @@ def configs(samplers: list[float]) -> list[Config]:
                 else ("bare", "cached"),
             )
         )
+    # Metrics on, no spans: what the spans alone cost is measured against this one.
+    out.append(
+        Config(
+            name="spans-off",
+            tracing="OTEL_TRACES_SAMPLER=always_off (metrics on)",
+            env={"OTEL_TRACES_SAMPLER": "always_off"},
+            workloads=("bare", "cached"),
+        )
+    )
     out.append(
         Config(
             name="sdk-disabled",
@@ -722,6 +731,12 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return round(numerator / denominator, 3)
 
 
+def _cost(measured: float | None, reference: float | None) -> float | None:
+    """The share of ``reference``'s throughput lost in ``measured``."""
+    kept = _ratio(measured, reference)
+    return None if kept is None else round(1 - kept, 3)
+
+
 def summarise(
     runs: list[dict[str, Any]], samplers: list[float], connections: list[int]
 ) -> dict[str, Any]:
@@ -737,6 +752,12 @@ def summarise(
         disabled_cached = rps("sdk-disabled", "cached", conns)
         disabled_bare = rps("sdk-disabled", "bare", conns)
         per["sdk-disabled"] = {"cached_vs_bare": _ratio(disabled_cached, disabled_bare)}
+        spans_off_cached = rps("spans-off", "cached", conns)
+        spans_off_bare = rps("spans-off", "bare", conns)
+        per["spans-off"] = {
+            "cached_vs_bare": _ratio(spans_off_cached, spans_off_bare),
+            "metrics_cost_cached": _cost(spans_off_cached, disabled_cached),
+        }
         for ratio in samplers:
             name = f"tracing-{ratio:g}"
             cached, bare = rps(name, "cached", conns), rps(name, "bare", conns)
@@ -745,8 +766,12 @@ def summarise(
             per[name] = {
                 "cached_vs_bare": _ratio(cached, bare),
                 "cached_vs_bare_sdk_disabled": _ratio(cached, disabled_bare),
+                # spans and metrics together, against the SDK disabled
                 "tracing_cost_cached": None if kept is None else round(1 - kept, 3),
                 "tracing_cost_bare": None if bare_kept is None else round(1 - bare_kept, 3),
+                # the spans alone, against the same SDK with the always_off sampler
+                "span_cost_cached": _cost(cached, spans_off_cached),
+                "span_cost_bare": _cost(bare, spans_off_bare),
             }
         ratios[str(conns)] = per
     zipf = [run for run in runs if run["workload"] == "zipf"]
@@ -808,8 +833,10 @@ def _ratios_table(summary: dict[str, Any], samplers: list[float]) -> Table:
         "tracing",
         "cached/bare (same server)",
         "cached/bare (SDK off)",
-        "tracing cost, cached",
-        "tracing cost, bare",
+        "telemetry cost, cached",
+        "telemetry cost, bare",
+        "span cost, cached",
+        "span cost, bare",
     ):
         table.add_column(header)
     for conns, per in summary["ratios"].items():
@@ -822,9 +849,22 @@ def _ratios_table(summary: dict[str, Any], samplers: list[float]) -> Table:
                 _pct(row["cached_vs_bare_sdk_disabled"]),
                 _pct(row["tracing_cost_cached"]),
                 _pct(row["tracing_cost_bare"]),
+                _pct(row["span_cost_cached"]),
+                _pct(row["span_cost_bare"]),
             )
+        off = per["spans-off"]
         table.add_row(
-            conns, "SDK disabled", _pct(per["sdk-disabled"]["cached_vs_bare"]), "—", "—", "—"
+            conns,
+            "spans off (metrics on)",
+            _pct(off["cached_vs_bare"]),
+            "—",
+            _pct(off["metrics_cost_cached"]),
+            "—",
+            "—",
+            "—",
+        )
+        table.add_row(
+            conns, "SDK disabled", _pct(per["sdk-disabled"]["cached_vs_bare"]), *["—"] * 5
         )
     return table
 

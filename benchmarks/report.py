@@ -100,9 +100,10 @@ def load_markdown(data: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| connections | tracing | cached ÷ bare (same server) | tracing cost, cached"
-        " (vs SDK disabled) | tracing cost, bare |",
-        "|--:|---|--:|--:|--:|",
+        "| connections | telemetry | cached ÷ bare (same server) | spans + metrics cost, cached"
+        " (vs SDK disabled) | spans + metrics cost, bare | span cost, cached (vs always_off"
+        " sampler, metrics on) | span cost, bare |",
+        "|--:|---|--:|--:|--:|--:|--:|",
     ]
 
     def pct(value: float | None) -> str:
@@ -111,11 +112,21 @@ def load_markdown(data: dict[str, Any]) -> str:
     for conns, per in data["summary"]["ratios"].items():
         for name, row in per.items():
             if name == "sdk-disabled":
-                lines.append(f"| {conns} | SDK disabled | {pct(row['cached_vs_bare'])} | — | — |")
+                lines.append(
+                    f"| {conns} | SDK disabled | {pct(row['cached_vs_bare'])} | — | — | — | — |"
+                )
+                continue
+            if name == "spans-off":
+                lines.append(
+                    f"| {conns} | spans off (always_off sampler), metrics on"
+                    f" | {pct(row['cached_vs_bare'])} | {pct(row['metrics_cost_cached'])}"
+                    " | — | — | — |"
+                )
                 continue
             lines.append(
                 f"| {conns} | {name.replace('tracing-', 'sampler ')} | {pct(row['cached_vs_bare'])}"
-                f" | {pct(row['tracing_cost_cached'])} | {pct(row['tracing_cost_bare'])} |"
+                f" | {pct(row['tracing_cost_cached'])} | {pct(row['tracing_cost_bare'])}"
+                f" | {pct(row.get('span_cost_cached'))} | {pct(row.get('span_cost_bare'))} |"
             )
     estimates = data["summary"].get("zipf_simulated_steady_state") or []
     if estimates:

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     statement_timeout_ms: int = Field(10_000, alias="REPORTS_STATEMENT_TIMEOUT_MS", ge=100)
     pool_size: int = Field(10, alias="REPORTS_DB_POOL_SIZE", ge=1)
     pool_max_overflow: int = Field(5, alias="REPORTS_DB_POOL_MAX_OVERFLOW", ge=0)
-    pool_timeout: float = Field(2.0, alias="REPORTS_DB_POOL_TIMEOUT", gt=0)
+    pool_timeout: float = Field(5.0, alias="REPORTS_DB_POOL_TIMEOUT", gt=0)
     redis_timeout: float = Field(0.25, alias="REPORTS_REDIS_TIMEOUT", gt=0)
     redis_breaker_threshold: int = Field(3, alias="REPORTS_REDIS_BREAKER_THRESHOLD", ge=1)
     redis_breaker_cooldown: float = Field(5.0, alias="REPORTS_REDIS_BREAKER_COOLDOWN", gt=0)

@@ -38,7 +38,7 @@ def async_engine(
     *,
     pool_size: int = 10,
     max_overflow: int = 5,
-    pool_timeout: float = 2.0,
+    pool_timeout: float = 5.0,
     statement_timeout_ms: int = 10_000,
     application_name: str = "salon-reports",
 ) -> AsyncEngine:
