@@ -8,6 +8,7 @@ bytes stored in the cache are the bytes served.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import time
@@ -85,6 +86,10 @@ class ReportService:
         self.pool = pool or PoolGauges("read", lambda: (0, 0, 0))
         self.stats = stats
         self._timezones: dict[int, tuple[str, float]] = {}
+        # Requests queue for a connection here, first come first served, rather than in the
+        # pool, whose waiters are woken in no particular order: under a burst of misses the
+        # pool let some requests wait past the timeout while later ones went through.
+        self._turns = asyncio.Semaphore(settings.pool_size + settings.pool_max_overflow)
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[AsyncConnection]:
@@ -93,10 +98,17 @@ class ReportService:
         pool.waiting += 1
         waiting = True
         try:
-            async with self.engine.connect() as connection:
-                pool.waiting -= 1
-                waiting = False
-                yield connection
+            try:
+                await asyncio.wait_for(self._turns.acquire(), self.settings.pool_timeout)
+            except TimeoutError:
+                raise PoolTimeoutError("no connection became free in time") from None
+            try:
+                async with self.engine.connect() as connection:
+                    pool.waiting -= 1
+                    waiting = False
+                    yield connection
+            finally:
+                self._turns.release()
         except PoolTimeoutError as error:
             pool.timeouts += 1
             if self.stats is not None:
