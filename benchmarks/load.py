@@ -774,7 +774,7 @@ def summarise(
                 "span_cost_bare": _cost(bare, spans_off_bare),
             }
         ratios[str(conns)] = per
-    zipf = [run for run in runs if run["workload"] == "zipf"]
+    zipf = [run for run in runs if run["workload"] in ("zipf", "zipf-steady")]
     errors_at = {
         str(conns): sum(run["errors"] for run in runs if run["connections"] == conns)
         for conns in connections
@@ -877,6 +877,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="HTTP load test (make loadtest).")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per kind")
+    parser.add_argument(
+        "--zipf-steady",
+        type=float,
+        default=40.0,
+        help="seconds of a last Zipf run, after the others (0: none)",
+    )
     parser.add_argument("--connections", default="100,500")
     parser.add_argument("--samplers", default="1.0,0.1", help="trace sampling ratios")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
@@ -927,7 +933,11 @@ def main() -> None:
                 clear_cache(server, workloads.admin_token)
                 check_report(server, workloads.cached.path, _owner_token(workloads, busiest))
                 for kind in config.workloads:
-                    for index, conns in enumerate(connections):
+                    plan = [(i, conns, args.duration) for i, conns in enumerate(connections)]
+                    if kind == "zipf" and args.zipf_steady > 0:
+                        # then the same mix, on, for longer: the hit rate once warm
+                        plan.append((len(connections), connections[0], args.zipf_steady))
+                    for index, conns, duration in plan:
                         before = None
                         if kind == "uncached":
                             # Each run its own slice of the list: no key is requested twice.
@@ -951,12 +961,13 @@ def main() -> None:
                                 server, workloads.cached.path, _owner_token(workloads, busiest)
                             )
                         result = run_wrk(
-                            server, workload, conns, args.duration, args.threads, args.timeout
+                            server, workload, conns, duration, args.threads, args.timeout
                         )
+                        steady = kind == "zipf" and index == len(connections)
                         result.update(
                             config=config.name,
                             tracing=config.tracing,
-                            workload=kind,
+                            workload="zipf-steady" if steady else kind,
                             path=workload.path,
                         )
                         if before is not None:
