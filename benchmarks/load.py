@@ -4,8 +4,7 @@ On the benchmark dataset (``benchmarks.dataset``), this starts the service on a 
 port with ``DATABASE_URL`` pointing at ``salon_reports_bench`` and ``REDIS_URL`` at its own
 Redis database (``.env``'s server, database ``--redis-db``, default 15; the tests use 1-14),
 and runs wrk (``/usr/bin/wrk``, one thread by default: the machine's cores are shared by wrk,
-both workers, PostgreSQL and Redis) at each concurrency (100 and 500 connections), ``--duration``
-seconds per run, against:
+both workers, PostgreSQL and Redis) at each concurrency (100 and 500 connections) against:
 
 - ``bare``: ``GET /healthz``, a trivial FastAPI endpoint of the same app (same middleware);
 - ``cached``: one owner's dashboard, default period, always a cache hit after the warm-up;
@@ -15,25 +14,30 @@ seconds per run, against:
   order), reports 60/25/15 % dashboard/bookings/professionals, date ranges Zipf-distributed
   over the usual ones (default 30 days, last 7 days, month to date, last month, 90, 365 days)
   and a long tail of custom ranges, 2 % platform-wide (admin); owner tokens per salon. Its hit
-  rate comes from ``/performance/stats`` (admin token) read before and after each run, the
-  first run starting from an empty cache, the second on the cache the first one left. Ten
-  seconds hold few repeats of a long-tailed key space, so the measured rate is mostly
-  compulsory misses; the same request list is also replayed against the cache's rules (TTLs,
-  stale grace) at the measured rate, 100 and 1000 req/s for a simulated steady-state rate.
+  rate comes from ``/performance/stats`` (admin token) read before and after each run: the
+  first run starts from an empty cache, the second continues on what it left, and a last,
+  longer run (``--zipf-steady``, 40 s) measures the rate once warm. The same request list is
+  also replayed against the cache's rules (TTLs, stale grace) at the measured rate, 100 and
+  1000 req/s for a simulated steady-state rate.
 
-Server configurations (a separate start each): tracing on with
-``OTEL_TRACES_SAMPLER=parentbased_traceidratio`` at each ``--samplers`` ratio (1.0 and 0.1),
-all four workloads at the first ratio, bare and cached at the others; and
-``OTEL_SDK_DISABLED=true`` for bare and cached. No exporter endpoint is set: spans are created,
-sampled and ended, then dropped (no export cost, which a real collector would add).
+Four servers run side by side, each ``--workers`` workers: tracing on with
+``OTEL_TRACES_SAMPLER=parentbased_traceidratio`` at each ``--samplers`` ratio (1.0 and 0.1);
+``OTEL_TRACES_SAMPLER=always_off`` (metrics on, no span recorded: the spans' own cost is
+measured against it); ``OTEL_SDK_DISABLED=true`` (no OpenTelemetry at all). Bare and cached
+run on every server in ``--repeats`` interleaved rounds of ``--duration`` seconds (server A,
+B, C, D, then again), so the machine's drift and noise fall on every configuration alike; the
+medians are compared. Uncached and Zipf run on the first server, ``--mix-duration`` seconds
+each. No exporter endpoint is set: spans are created, sampled and ended, then dropped (no
+export cost, which a real collector would add).
 
 Reported per run: requests/s, latency p50/p95/p99/max (wrk's own histogram, from a ``done()``
 hook; closed-loop, so queueing under overload shows up as latency, not as lost requests),
 errors (non-2xx/3xx statuses plus connect/read/write errors and timeouts, ``--timeout`` 10 s).
-Ratios: cached vs bare in the same server, tracing cost (tracing on vs SDK disabled). Servers
-are killed at the end, on failure or interrupt too. Loopback only.
+Ratios: cached vs bare in the same server, the cost of all telemetry (vs SDK disabled) and of
+the spans alone (vs the always_off sampler). Servers are killed at the end, on failure or
+interrupt too. Loopback only.
 
-    python -m benchmarks.load [--duration 10] [--connections 100,500] [--samplers 1.0,0.1]
+    python -m benchmarks.load [--duration 5] [--repeats 3] [--connections 100,500]
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,7 +61,6 @@ import time
 import urllib.error
 import urllib.request
 from bisect import bisect
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from itertools import accumulate
@@ -226,15 +230,6 @@ class Server:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=5)
-
-
-@contextlib.contextmanager
-def running(server: Server) -> Iterator[Server]:
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
 
 
 def http_get(url: str, token: str | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -741,10 +736,13 @@ def summarise(
     runs: list[dict[str, Any]], samplers: list[float], connections: list[int]
 ) -> dict[str, Any]:
     def rps(config: str, workload: str, conns: int) -> float | None:
-        for run in runs:
-            if (run["config"], run["workload"], run["connections"]) == (config, workload, conns):
-                return float(run["rps"])
-        return None
+        """The median throughput of that configuration's runs (interleaved repeats)."""
+        values = [
+            float(run["rps"])
+            for run in runs
+            if (run["config"], run["workload"], run["connections"]) == (config, workload, conns)
+        ]
+        return statistics.median(values) if values else None
 
     ratios: dict[str, Any] = {}
     for conns in connections:
@@ -780,10 +778,45 @@ def summarise(
         for conns in connections
     }
     return {
+        "rows": aggregate(runs),
         "ratios": ratios,
         "zipf_hit_rates": [run.get("cache") for run in zipf],
         "errors_by_connections": errors_at,
     }
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (server, workload, connections): medians over its repeats, errors summed."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["config"], run["workload"], run["connections"]), []).append(run)
+    rows = []
+    for (config, workload, conns), group in groups.items():
+
+        def median(key: str, group: list[dict[str, Any]] = group) -> float:
+            return float(statistics.median(float(run[key]) for run in group))
+
+        rows.append(
+            {
+                "config": config,
+                "workload": workload,
+                "connections": conns,
+                "runs": len(group),
+                "rps": median("rps"),
+                "rps_min": min(float(run["rps"]) for run in group),
+                "rps_max": max(float(run["rps"]) for run in group),
+                "p50_ms": median("p50_ms"),
+                "p95_ms": median("p95_ms"),
+                "p99_ms": median("p99_ms"),
+                "max_ms": max(float(run["max_ms"]) for run in group),
+                "errors": sum(run["errors"] for run in group),
+                "non_2xx": sum(run["non_2xx"] for run in group),
+                "socket_errors": sum(sum(run["socket_errors"].values()) for run in group),
+                "cache": group[-1].get("cache"),
+                "load_average_1m": median("load_average_1m_before"),
+            }
+        )
+    return rows
 
 
 def _table(runs: list[dict[str, Any]]) -> Table:
@@ -802,26 +835,24 @@ def _table(runs: list[dict[str, Any]]) -> Table:
         "load1",
     ):
         table.add_column(header)
-    for run in runs:
+    for run in aggregate(runs):
         cache = run.get("cache") or {}
         rate = cache.get("hit_rate")
+        spread = f" ({run['rps_min']:,.0f} to {run['rps_max']:,.0f})" if run["runs"] > 1 else ""
         table.add_row(
             run["config"],
             run["workload"],
             str(run["connections"]),
-            f"{run['rps']:,.0f}",
+            f"{run['rps']:,.0f}{spread}",
             f"{run['p50_ms']:.1f}",
             f"{run['p95_ms']:.1f}",
             f"{run['p99_ms']:.1f}",
             f"{run['max_ms']:.0f}",
             str(run["errors"])
             if not run["errors"]
-            else (
-                f"{run['errors']} ({run['non_2xx']} non-2xx, "
-                f"{sum(run['socket_errors'].values())} socket)"
-            ),
+            else f"{run['errors']} ({run['non_2xx']} non-2xx, {run['socket_errors']} socket)",
             "—" if rate is None else f"{rate:.1%}",
-            f"{run['load_average_1m_before']:.1f}",
+            f"{run['load_average_1m']:.1f}",
         )
     return table
 
@@ -875,7 +906,13 @@ def _pct(value: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="HTTP load test (make loadtest).")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved rounds of the bare and cached runs"
+    )
+    parser.add_argument(
+        "--mix-duration", type=float, default=10.0, help="seconds per uncached and Zipf run"
+    )
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per kind")
     parser.add_argument(
         "--zipf-steady",
@@ -923,75 +960,80 @@ def main() -> None:
     zipf_offset = 0
     servers: list[Server] = []
     failure: str | None = None
+    owner = _owner_token(workloads, busiest)
+
+    def record(result: dict[str, Any], config: Config, kind: str, path: str) -> None:
+        result.update(config=config.name, tracing=config.tracing, workload=kind, path=path)
+        runs.append(result)
+        rate = (result.get("cache") or {}).get("hit_rate")
+        console.log(
+            f"{config.name:<14} {kind:<11} c={result['connections']:<4} {result['rps']:>9,.0f}"
+            f" req/s p50 {result['p50_ms']:.1f} p99 {result['p99_ms']:.1f} ms"
+            f" errors {result['errors']}" + ("" if rate is None else f" hit rate {rate}")
+        )
+
     try:
-        for config in configs(samplers):
+        plan = configs(samplers)
+        for config in plan:
             env = server_env(dict(os.environ), dataset, redis_url, settings.jwt_secret, config.env)
             server = Server(config.name, env, args.workers, workdir / f"{config.name}.log")
             servers.append(server)
-            with running(server):
-                console.log(f"server {config.name} ({config.tracing}) on {server.base}")
-                clear_cache(server, workloads.admin_token)
-                check_report(server, workloads.cached.path, _owner_token(workloads, busiest))
-                for kind in config.workloads:
-                    plan = [(i, conns, args.duration) for i, conns in enumerate(connections)]
-                    if kind == "zipf" and args.zipf_steady > 0:
-                        # then the same mix, on, for longer: the hit rate once warm
-                        plan.append((len(connections), connections[0], args.zipf_steady))
-                    for index, conns, duration in plan:
-                        before = None
-                        if kind == "uncached":
-                            # Each run its own slice of the list: no key is requested twice.
-                            share = workloads.uncached_count // len(connections)
-                            workload = workloads.uncached(uncached_offset, share // args.threads)
-                            uncached_offset += share
-                            before = cache_counts(server, workloads.admin_token)
-                        elif kind == "zipf":
-                            if index == 0:  # the first Zipf run starts from an empty cache
-                                clear_cache(server, workloads.admin_token)
-                            workload = workloads.zipf(zipf_offset, args.threads)
-                            before = cache_counts(server, workloads.admin_token)
-                        else:
-                            workload = workloads.cached if kind == "cached" else workloads.bare
-                        if index == 0 and kind in ("bare", "cached") and args.warmup > 0:
-                            run_wrk(
-                                server, workload, conns, args.warmup, args.threads, args.timeout
-                            )
-                        if kind == "cached" and index == 0:
-                            timings[config.name] = idle_timing(
-                                server, workloads.cached.path, _owner_token(workloads, busiest)
-                            )
+            server.start()
+            console.log(f"server {config.name} ({config.tracing}) on {server.base}")
+            clear_cache(server, workloads.admin_token)
+            check_report(server, workloads.cached.path, owner)
+            for workload in (workloads.bare, workloads.cached):
+                if args.warmup > 0:
+                    run_wrk(server, workload, connections[0], args.warmup, args.threads, 10)
+            timings[config.name] = idle_timing(server, workloads.cached.path, owner)
+
+        # 1. Throughput ratios: bare and cached on every server, interleaved and repeated, so
+        # that the machine's drift and noise fall on every configuration alike (medians kept).
+        for _ in range(args.repeats):
+            for conns in connections:
+                for config, server in zip(plan, servers, strict=True):
+                    for kind, workload in (("bare", workloads.bare), ("cached", workloads.cached)):
                         result = run_wrk(
-                            server, workload, conns, duration, args.threads, args.timeout
+                            server, workload, conns, args.duration, args.threads, args.timeout
                         )
-                        steady = kind == "zipf" and index == len(connections)
-                        result.update(
-                            config=config.name,
-                            tracing=config.tracing,
-                            workload="zipf-steady" if steady else kind,
-                            path=workload.path,
+                        record(result, config, kind, workload.path)
+
+        # 2. Misses and the Zipf mix, on the servers that run them (the first one).
+        for config, server in zip(plan, servers, strict=True):
+            for kind in [k for k in config.workloads if k in ("uncached", "zipf")]:
+                steps = [(i, conns, args.mix_duration) for i, conns in enumerate(connections)]
+                if kind == "zipf" and args.zipf_steady > 0:
+                    # then the same mix, on, for longer: the hit rate once warm
+                    steps.append((len(connections), connections[0], args.zipf_steady))
+                for index, conns, duration in steps:
+                    if kind == "uncached":
+                        # Each run its own slice of the list: no key is requested twice.
+                        share = workloads.uncached_count // len(connections)
+                        workload = workloads.uncached(uncached_offset, share // args.threads)
+                        uncached_offset += share
+                    else:
+                        if index == 0:  # the first Zipf run starts from an empty cache
+                            clear_cache(server, workloads.admin_token)
+                        workload = workloads.zipf(zipf_offset, args.threads)
+                    before = cache_counts(server, workloads.admin_token)
+                    result = run_wrk(server, workload, conns, duration, args.threads, args.timeout)
+                    result["cache"] = hit_rate(before, cache_counts(server, workloads.admin_token))
+                    if kind == "zipf":
+                        result["cache"]["distinct_keys_requested"] = workloads.distinct_keys(
+                            zipf_offset, result["requests"]
                         )
-                        if before is not None:
-                            after = cache_counts(server, workloads.admin_token)
-                            result["cache"] = hit_rate(before, after)
-                        if kind == "zipf":
-                            result["cache"]["distinct_keys_requested"] = workloads.distinct_keys(
-                                zipf_offset, result["requests"]
-                            )
-                            result["cache"]["started_cold"] = index == 0
-                            zipf_offset += result["requests"]
-                        runs.append(result)
-                        console.log(
-                            f"{config.name:<14} {kind:<9} c={conns:<4} {result['rps']:>9,.0f}"
-                            f" req/s p50 {result['p50_ms']:.1f} p99 {result['p99_ms']:.1f} ms"
-                            f" errors {result['errors']}"
-                            + (f" hit rate {result['cache']['hit_rate']}" if before else "")
-                        )
-                final = read_stats(server, workloads.admin_token)
-                server_stats[config.name] = {
-                    "endpoints": final["since_start"]["endpoints"],
-                    "pool": final.get("pool"),
-                    "alerts": final.get("alerts"),
-                }
+                        result["cache"]["started_cold"] = index == 0
+                        zipf_offset += result["requests"]
+                    steady = kind == "zipf" and index == len(connections)
+                    record(result, config, "zipf-steady" if steady else kind, workload.path)
+
+        for config, server in zip(plan, servers, strict=True):
+            final = read_stats(server, workloads.admin_token)
+            server_stats[config.name] = {
+                "endpoints": final["since_start"]["endpoints"],
+                "pool": final.get("pool"),
+                "alerts": final.get("alerts"),
+            }
     except (Interrupted, KeyboardInterrupt) as error:
         failure = f"interrupted: {error}"
     except Exception as error:

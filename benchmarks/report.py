@@ -79,22 +79,27 @@ def queries_markdown(data: dict[str, Any]) -> str:
 def load_markdown(data: dict[str, Any]) -> str:
     lines = [
         f"`{data['command']}` — {data['elapsed_s']:.0f} s; {_machine(data)}.",
-        f"wrk {data['args']['threads']} thread(s), {data['args']['duration']:g} s per run,"
-        f" timeout {data['args']['timeout']:g} s, {data['args']['workers']} uvicorn workers;"
-        " wrk, the workers, PostgreSQL and Redis share the cores.",
+        f"wrk {data['args']['threads']} thread(s); bare and cached: {data['args']['repeats']}"
+        f" interleaved rounds of {data['args']['duration']:g} s per server (medians, range in"
+        f" brackets); uncached and Zipf: {data['args']['mix_duration']:g} s, the last Zipf run"
+        f" {data['args']['zipf_steady']:g} s; timeout {data['args']['timeout']:g} s,"
+        f" {data['args']['workers']} uvicorn workers; wrk, the workers, PostgreSQL and Redis"
+        " share the cores.",
         "",
         "| server | workload | connections | req/s | p50 ms | p95 ms | p99 ms | errors |"
         " hit rate |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for run in data["runs"]:
+    for run in data["summary"]["rows"]:
         cache = run.get("cache") or {}
         rate = cache.get("hit_rate")
         errors = str(run["errors"])
         if run["errors"]:
             errors += f" ({run['non_2xx']} non-2xx)"
+        spread = f" ({run['rps_min']:,.0f} to {run['rps_max']:,.0f})" if run["runs"] > 1 else ""
         lines.append(
-            f"| {run['config']} | {run['workload']} | {run['connections']} | {run['rps']:,.0f}"
+            f"| {run['config']} | {run['workload']} | {run['connections']}"
+            f" | {run['rps']:,.0f}{spread}"
             f" | {run['p50_ms']:.1f} | {run['p95_ms']:.1f} | {run['p99_ms']:.1f} | {errors}"
             f" | {'—' if rate is None else f'{rate:.1%}'} |"
         )

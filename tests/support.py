@@ -1,4 +1,4 @@
-"""Test helpers that run real servers: a private Redis the test may kill and restart."""
+"""Test helpers: a private Redis the test may kill and restart; a report-statement counter."""
 
 from __future__ import annotations
 
@@ -11,8 +11,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import redis
+from sqlalchemy import event
+
+if TYPE_CHECKING:
+    from tests.conftest import Api
 
 
 def free_port() -> int:
@@ -82,3 +87,21 @@ def redis_process() -> Iterator[RedisProcess]:
         yield server
     finally:
         server.stop()
+
+
+class SqlCounter:
+    """Counts report statements as the database driver receives them, in one app's read engine."""
+
+    def __init__(self, api: Api) -> None:
+        self.count = 0
+        self.engine = api.resources.read_engine.sync_engine
+        event.listen(self.engine, "before_cursor_execute", self._seen)
+
+    def _seen(
+        self, _conn: Any, _cursor: Any, _statement: str, _params: Any, context: Any, _many: bool
+    ) -> None:
+        if str(context.execution_options.get("query_name", "")).startswith("report."):
+            self.count += 1
+
+    def close(self) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._seen)

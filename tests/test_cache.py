@@ -11,13 +11,12 @@ from typing import Any
 import psycopg
 import pytest
 import redis
-from sqlalchemy import event
 
 from service.cache import NAMESPACE
 from service.config import Settings
 from tests.conftest import Api, RunningApi, app_settings
 from tests.factories import add_booking, small_dataset
-from tests.support import redis_process
+from tests.support import SqlCounter, redis_process
 
 PREFIX = "/api/v1/optimized-reports"
 
@@ -38,24 +37,6 @@ def entry_keys(url: str) -> list[str]:
     finally:
         client.close()
     return sorted(n for n in names if not n.endswith((":epoch", ":lock")) and ":keys:" not in n)
-
-
-class SqlCounter:
-    """Counts report statements as the database driver receives them."""
-
-    def __init__(self, api: Api) -> None:
-        self.count = 0
-        self.engine = api.resources.read_engine.sync_engine
-        event.listen(self.engine, "before_cursor_execute", self._seen)
-
-    def _seen(
-        self, _conn: Any, _cursor: Any, _statement: str, _params: Any, context: Any, _many: bool
-    ) -> None:
-        if str(context.execution_options.get("query_name", "")).startswith("report."):
-            self.count += 1
-
-    def close(self) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._seen)
 
 
 async def settled(api: Api) -> None:

@@ -193,8 +193,9 @@ _BOOKINGS_TAIL = """
 
 
 # Per professional, from ``professional_clients`` (professional, client, completed bookings):
-# clients, those with >= 1 and >= 2 completed bookings; then the figures of the report, with
-# ``nc`` the professional's new clients.
+# clients, those with >= 1 and >= 2 completed bookings; then the figures of the report: the
+# counts from ``pp`` (per_professional) and the client figures, with ``nc`` the professional's
+# new clients.
 _CLIENT_STATS = """
     client_stats AS (
         SELECT professional_id,
@@ -204,6 +205,12 @@ _CLIENT_STATS = """
         FROM professional_clients
         GROUP BY professional_id
     )"""
+_PROFESSIONAL_COUNTS = """
+               coalesce(pp.bookings, 0) AS bookings,
+               coalesce(pp.completed, 0) AS completed,
+               coalesce(pp.cancelled, 0) AS cancelled,
+               coalesce(pp.no_show, 0) AS no_show,
+               coalesce(pp.revenue_cents, 0) AS revenue_cents"""
 _CLIENT_FIGURES = """
                coalesce(cs.unique_clients, 0) AS unique_clients,
                coalesce(cs.unique_clients, 0) - coalesce(nc.new_clients, 0)
@@ -480,11 +487,7 @@ def _platform_professionals_sql() -> str:
     WITH per_professional AS ({_rollup_totals("professional", _Selected())}),
     ranked AS (
         SELECT pr.id AS professional_id, pr.name,
-               coalesce(pp.bookings, 0) AS bookings,
-               coalesce(pp.completed, 0) AS completed,
-               coalesce(pp.cancelled, 0) AS cancelled,
-               coalesce(pp.no_show, 0) AS no_show,
-               coalesce(pp.revenue_cents, 0) AS revenue_cents,
+               {_PROFESSIONAL_COUNTS},
                rank() OVER (ORDER BY coalesce(pp.revenue_cents, 0) DESC) AS revenue_rank
         FROM professionals pr
         LEFT JOIN per_professional pp ON pp.professional_id = pr.id
@@ -559,11 +562,7 @@ def professionals_sql(scope: Scope) -> str:
     ),
     ranked AS (
         SELECT pr.id AS professional_id, pr.name,
-               coalesce(pp.bookings, 0) AS bookings,
-               coalesce(pp.completed, 0) AS completed,
-               coalesce(pp.cancelled, 0) AS cancelled,
-               coalesce(pp.no_show, 0) AS no_show,
-               coalesce(pp.revenue_cents, 0) AS revenue_cents,
+               {_PROFESSIONAL_COUNTS},
                {_CLIENT_FIGURES},
                rank() OVER (ORDER BY coalesce(pp.revenue_cents, 0) DESC) AS revenue_rank
         FROM professionals pr

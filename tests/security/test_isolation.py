@@ -35,7 +35,7 @@ import orjson
 import psycopg
 import pytest
 import redis
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session
 
 from benchmarks.naive import naive_bookings, naive_dashboard, naive_professionals
@@ -48,6 +48,7 @@ from service.reports.schemas import (
     ReportMeta,
 )
 from tests.conftest import Api, RunningApi, app_settings
+from tests.support import SqlCounter
 
 PREFIX = "/api/v1/optimized-reports"
 BASE = 10_000  # prices are k * BASE + the salon's number
@@ -436,24 +437,6 @@ class Clock:
         now = time.monotonic()
         self.laps[name] = round(now - self._last, 1)
         self._last = now
-
-
-class SqlCounter:
-    """Counts report statements as the database driver receives them, in one worker."""
-
-    def __init__(self, api: Api) -> None:
-        self.count = 0
-        self.engine = api.resources.read_engine.sync_engine
-        event.listen(self.engine, "before_cursor_execute", self._seen)
-
-    def _seen(
-        self, _conn: Any, _cursor: Any, _statement: str, _params: Any, context: Any, _many: bool
-    ) -> None:
-        if str(context.execution_options.get("query_name", "")).startswith("report."):
-            self.count += 1
-
-    def close(self) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._seen)
 
 
 @pytest.fixture
