@@ -90,7 +90,7 @@ class ProfessionalsQuery(PeriodQuery):
     cursor: str | None = Field(None, max_length=200)
 
 
-Q = TypeVar("Q", bound=_Query)
+Q = TypeVar("Q", bound=SalonQuery)
 P = TypeVar("P", bound=PeriodQuery)
 
 
@@ -186,7 +186,7 @@ def check_query(request: Request) -> None:
 
 @dataclass(frozen=True, slots=True)
 class ReportCall(Generic[Q]):
-    """An authorised report request: who asks, with what, for which scope and period."""
+    """An authorised report request: who asks, with which parameters, for which scope."""
 
     principal: Principal
     reports: ReportService
@@ -201,7 +201,7 @@ async def _authorised(request: Request, report: str, model: type[Q]) -> ReportCa
     principal = await authenticate(request)
     query = read_query(request, model)
     check_query(request)
-    salon_id = getattr(query, "salon_id", None)
+    salon_id = query.salon_id
     authorise_report(principal, salon_id)
     reports: ReportService = request.app.state.resources.reports
     scope = await reports.resolve_scope(salon_id)
