@@ -50,6 +50,7 @@ bench: install services
 	$(BIN)/python -m benchmarks.queries
 
 loadtest: install services
+	@scripts/load-tools.sh
 	$(BIN)/python -m benchmarks.load
 
 # Faults under load (tests/chaos): Redis killed and slowed, PostgreSQL restarted, the pool run
