@@ -31,7 +31,22 @@ from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).parent / "salon-reports")
-POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _postgres_bin() -> Path:
+    """The newest Debian PostgreSQL server binaries, else those on PATH (as scripts/services.sh)."""
+    found = [
+        path
+        for path in Path("/usr/lib/postgresql").glob("*/bin")
+        if (path / "initdb").exists() and path.parent.name.isdigit()
+    ]
+    if found:
+        return max(found, key=lambda path: int(path.parent.name))
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else Path("/usr/lib/postgresql/15/bin")
+
+
+POSTGRES_BIN = _postgres_bin()
 
 
 class PostgresCluster:
