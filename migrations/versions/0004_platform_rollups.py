@@ -88,9 +88,10 @@ TRANSITIONS = {
 
 
 def _changes(sources: tuple[str, ...]) -> str:
-    """Every changed booking with +1 (its new version) or -1 (its old one)."""
+    """Every changed booking with +1 (its new version) or -1 (its old one); ``bookings``, for
+    the first fill, counts every booking once."""
     columns = "scheduled_at, status, price_cents, service_id, professional_id"
-    signs = {"new_rows": 1, "old_rows": -1}
+    signs = {"new_rows": 1, "old_rows": -1, "bookings": 1}
     return " UNION ALL ".join(
         f"SELECT {signs[source]} AS sign, {columns} FROM {source}" for source in sources
     )
@@ -221,7 +222,7 @@ def _create_tables() -> None:
 
 def _fill_tables() -> None:
     for table in COUNTERS:
-        op.execute(_counter_upsert(table, ("new_rows",)).replace("new_rows", "bookings"))
+        op.execute(_counter_upsert(table, ("bookings",)))
     op.execute(
         f"""
         INSERT INTO client_visit_pairs (day, prev_day, clients)

@@ -15,7 +15,7 @@ from service.db import migrate
 from service.seed import seed_database
 from tests.chaos.harness import DATABASE, ChaosData, write_entry
 from tests.chaos.servers import PostgresCluster, new_secret
-from tests.support import RedisProcess
+from tests.support import RedisProcess, redis_process
 
 _CALL_REPORT = pytest.StashKey[pytest.TestReport]()
 
@@ -59,12 +59,8 @@ def database(chaos_data: ChaosData) -> ChaosData:
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisProcess]:
-    server = RedisProcess()
-    server.start()
-    try:
+    with redis_process() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

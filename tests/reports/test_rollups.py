@@ -17,8 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks.naive import naive_bookings, naive_dashboard, naive_professionals
+from service.config import Settings
+from service.db import libpq_url, migrate, with_database
 from service.reports import queries
 from service.reports.params import STATUSES, BookingFilters, Period, Scope
+from service.seed import seed_database
+from tests.conftest import _worker_suffix, create_database
 from tests.reports.harness import Reports
 from tests.reports.strategies import Case, cases
 
@@ -285,3 +289,22 @@ def test_concurrent_writers_of_the_same_clients_keep_the_visit_pairs_exact(
     assert len(deadlocks) < 20, "writers mostly went through"
     assert connection.execute("SELECT count(*) FROM bookings").fetchone()[0] > 40
     assert_rollups_exact(connection)
+
+
+def test_upgrading_a_database_with_bookings_fills_the_rollups(
+    base_settings: Settings, admin_dsn: str
+) -> None:
+    """Migration 0004 on a database that already holds bookings fills every rollup exactly."""
+    name = f"salon_reports_fill_{_worker_suffix()}"
+    create_database(admin_dsn, name)
+    url = with_database(base_settings.database_url, name)
+    try:
+        migrate(url, "0003")
+        seed_database(url, bookings=3_000, salons=4, days=60, seed=5)
+        migrate(url)
+        with psycopg.connect(libpq_url(url)) as connection:
+            assert connection.execute("SELECT count(*) FROM bookings").fetchone() == (3_000,)
+            assert_rollups_exact(connection)
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
