@@ -3,7 +3,8 @@
 # `docker build -t salon-reports:0.1.0 .` (the build context is filtered by .dockerignore).
 #
 # At start it migrates the database, seeds the demo dataset when SEED_DEMO=1 and the database
-# has no bookings yet, then serves on 0.0.0.0:8000 with two workers.
+# has no bookings yet, then serves on 0.0.0.0:8000 with two workers. It runs as production:
+# without a REPORTS_JWT_SECRET of at least 32 random bytes it refuses to start.
 
 # ---- build: wheels of the project and of every dependency ---------------------------------
 FROM python:3.11.11-slim-bookworm AS build
@@ -22,6 +23,7 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    REPORTS_ENVIRONMENT=production \
     SEED_DEMO=0
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels salon-reports \

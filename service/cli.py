@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from service.config import get_settings
+from service.config import get_settings, serving_settings
 
 app = typer.Typer(
     help="salon-reports: reporting service of a salon-booking platform.",
@@ -25,7 +25,7 @@ def serve(
     """Serve the API with uvicorn."""
     import uvicorn
 
-    get_settings()  # fail fast on bad configuration, before forking workers
+    serving_settings(host)  # fail fast on bad configuration, before forking workers
     uvicorn.run(
         "service.main:create_app",
         factory=True,

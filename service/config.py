@@ -1,27 +1,68 @@
-"""Settings: one pydantic-settings class; environment variables override ``.env``."""
+"""Settings: one pydantic-settings class; environment variables override ``.env``.
+
+Outside an explicitly chosen ``REPORTS_ENVIRONMENT=development`` (the default is
+``production``) a missing, short or placeholder ``REPORTS_JWT_SECRET`` refuses to start: anyone
+who can read this file could otherwise sign an admin token. ``serving_settings`` adds the same
+rule for a server listening beyond the loopback interface, whatever the environment.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_PLACEHOLDER_SECRET = "dev-only-insecure-secret-change-me"
-MIN_SECRET_LENGTH = 32
+MIN_SECRET_BYTES = 32
+# Words of secrets copied from an example rather than generated.
+PLACEHOLDER_WORDS = ("change-me", "changeme", "change_me", "placeholder", "insecure")
+SECRET_ADVICE = (
+    "set REPORTS_JWT_SECRET to a random value of at least 32 bytes (for example the output of "
+    "`openssl rand -hex 32`); only an explicit REPORTS_ENVIRONMENT=development on a loopback "
+    "address runs without one"
+)
+
+
+class ConfigurationError(SystemExit):
+    """The configuration is unsafe or invalid: the process exits with this message.
+
+    A ``SystemExit``: the CLI prints the message (never a traceback, nor the values read,
+    which may hold passwords) and exits with status 1.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"salon-reports: refusing to start: {message}")
+
+
+def weak_secret_reason(secret: str, *, explicitly_set: bool = True) -> str | None:
+    """Why ``secret`` must not sign tokens, or None when it may."""
+    if not explicitly_set or not secret:
+        return "REPORTS_JWT_SECRET is not set"
+    if secret == DEV_PLACEHOLDER_SECRET or any(
+        word in secret.lower() for word in PLACEHOLDER_WORDS
+    ):
+        return "REPORTS_JWT_SECRET is a placeholder"
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        return f"REPORTS_JWT_SECRET is shorter than {MIN_SECRET_BYTES} bytes"
+    return None
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
     environment: Literal["development", "test", "production"] = Field(
-        "development", alias="REPORTS_ENVIRONMENT"
+        "production", alias="REPORTS_ENVIRONMENT"
     )
     database_url: str = Field(..., alias="DATABASE_URL")
     read_database_url: str | None = Field(None, alias="REPORTS_READ_DATABASE_URL")
     redis_url: str = Field("", alias="REDIS_URL")
-    jwt_secret: str = Field(DEV_PLACEHOLDER_SECRET, alias="REPORTS_JWT_SECRET")
+    jwt_secret: str = Field(DEV_PLACEHOLDER_SECRET, alias="REPORTS_JWT_SECRET", repr=False)
+    jwt_leeway: float = Field(30.0, alias="REPORTS_JWT_LEEWAY", ge=0, le=3600)
+    jwt_issuer: str | None = Field(None, alias="REPORTS_JWT_ISSUER")
+    jwt_audience: str | None = Field(None, alias="REPORTS_JWT_AUDIENCE")
 
     cache_ttl_dashboard: int = Field(900, alias="REPORTS_CACHE_TTL_DASHBOARD", ge=1)
     cache_ttl_bookings: int = Field(600, alias="REPORTS_CACHE_TTL_BOOKINGS", ge=1)
@@ -53,17 +94,62 @@ class Settings(BaseSettings):
         }
         return ttls[report]
 
+    @property
+    def weak_secret(self) -> str | None:
+        """Why the JWT secret is unfit outside development, or None."""
+        return weak_secret_reason(
+            self.jwt_secret, explicitly_set="jwt_secret" in self.model_fields_set
+        )
+
+    @field_validator("jwt_issuer", "jwt_audience")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
     @model_validator(mode="after")
     def _refuse_weak_secret(self) -> Settings:
-        weak = self.jwt_secret == DEV_PLACEHOLDER_SECRET or len(self.jwt_secret) < MIN_SECRET_LENGTH
-        if weak and self.environment != "development":
-            raise ValueError(
-                "REPORTS_JWT_SECRET is missing or weak (under 32 characters); "
-                "set a long random value outside development"
-            )
+        reason = self.weak_secret
+        if reason is not None and self.environment != "development":
+            raise ValueError(f"{reason} (REPORTS_ENVIRONMENT={self.environment}); {SECRET_ADVICE}")
         return self
+
+
+def _describe(error: ValidationError) -> str:
+    """The errors without the input values (they may hold the database password)."""
+    lines = []
+    for detail in error.errors(include_url=False, include_input=False, include_context=False):
+        message = detail["msg"].removeprefix("Value error, ")
+        names = ".".join(str(part) for part in detail["loc"])
+        lines.append(f"{names}: {message}" if names else message)
+    return "; ".join(lines)
 
 
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    """The process's settings; ``ConfigurationError`` (exit 1, a clear message) when unsafe."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise ConfigurationError(_describe(error)) from None
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve to any interface
+
+
+def serving_settings(host: str) -> Settings:
+    """``get_settings()`` for a server about to listen on ``host``.
+
+    Beyond the loopback interface a weak secret is refused even in development: whoever can
+    reach the port could sign their own admin token.
+    """
+    settings = get_settings()
+    reason = settings.weak_secret
+    if reason is not None and not is_loopback(host):
+        raise ConfigurationError(f"{reason} and the server would listen on {host}; {SECRET_ADVICE}")
+    return settings
