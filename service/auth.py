@@ -1,4 +1,9 @@
-"""Bearer tokens: HS256 JWTs carrying ``sub``, ``role``, ``salon_ids`` and ``exp``."""
+"""Bearer tokens: HS256 JWTs carrying ``sub``, ``role``, ``salon_ids`` and ``exp``.
+
+``iat``, ``nbf`` and ``exp`` are checked with a leeway of a few seconds (two hosts' clocks are
+never exactly equal); ``iss`` and ``aud`` are required and checked when the service is given
+an issuer and an audience.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import jwt
 Role = Literal["admin", "ops", "owner"]
 ROLES: tuple[str, ...] = get_args(Role)
 ALGORITHM = "HS256"
+DEFAULT_LEEWAY_SECONDS = 30.0
 LATEST_EXPIRY = 253_402_300_799  # 9999-12-31T23:59:59Z: beyond it, not a real expiry
 
 
@@ -38,6 +44,8 @@ def issue_token(
     salon_ids: list[int] | None = None,
     ttl_seconds: int = 3600,
     subject: str | None = None,
+    issuer: str | None = None,
+    audience: str | None = None,
 ) -> str:
     now = int(time.time())
     claims: dict[str, object] = {
@@ -48,18 +56,41 @@ def issue_token(
     }
     if role == "owner":
         claims["salon_ids"] = sorted(set(salon_ids or []))
+    if issuer is not None:
+        claims["iss"] = issuer
+    if audience is not None:
+        claims["aud"] = audience
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
-def decode_token(secret: str, token: str) -> Principal:
-    """Verify ``token`` (algorithm pinned to HS256) and return who it speaks for."""
+def decode_token(
+    secret: str,
+    token: str,
+    *,
+    leeway: float = DEFAULT_LEEWAY_SECONDS,
+    issuer: str | None = None,
+    audience: str | None = None,
+) -> Principal:
+    """Verify ``token`` (algorithm pinned to HS256) and return who it speaks for.
+
+    ``leeway`` seconds of clock skew are accepted on ``iat``, ``nbf`` and ``exp``. With an
+    ``issuer`` or an ``audience`` the claim must be present and equal; without an audience a
+    token naming one is refused (it was meant for another service).
+    """
+    required = ["exp", "sub", "role"]
+    if issuer is not None:
+        required.append("iss")
+    if audience is not None:
+        required.append("aud")
     try:
         claims = jwt.decode(
             token,
             secret,
             algorithms=[ALGORITHM],
-            options={"require": ["exp", "sub", "role"]},
-            leeway=0,
+            options={"require": required},
+            leeway=leeway,
+            issuer=issuer,
+            audience=audience,
         )
     except jwt.PyJWTError as error:
         raise InvalidToken(str(error)) from error
@@ -90,16 +121,29 @@ class TokenVerifier:
     again; its expiry is still checked on every use. Bounded: the memory is dropped when full.
     """
 
-    def __init__(self, secret: str, max_entries: int = 10_000) -> None:
+    def __init__(
+        self,
+        secret: str,
+        max_entries: int = 10_000,
+        *,
+        leeway: float = DEFAULT_LEEWAY_SECONDS,
+        issuer: str | None = None,
+        audience: str | None = None,
+    ) -> None:
         self.secret = secret
         self.max_entries = max_entries
+        self.leeway = leeway
+        self.issuer = issuer
+        self.audience = audience
         self._verified: dict[str, Principal] = {}
 
     def verify(self, token: str) -> Principal:
         known = self._verified.get(token)
-        if known is not None and known.expires_at > time.time():
+        if known is not None and known.expires_at + self.leeway > time.time():
             return known
-        principal = decode_token(self.secret, token)
+        principal = decode_token(
+            self.secret, token, leeway=self.leeway, issuer=self.issuer, audience=self.audience
+        )
         if len(self._verified) >= self.max_entries:
             self._verified.clear()
         self._verified[token] = principal

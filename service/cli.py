@@ -83,20 +83,23 @@ def token(
     ttl: Annotated[int, typer.Option(min=1, help="Lifetime in seconds.")] = 3600,
     subject: Annotated[str | None, typer.Option(help="The `sub` claim.")] = None,
 ) -> None:
-    """Print a signed bearer token."""
+    """Print a signed bearer token (with the configured issuer and audience, if any)."""
     from service.auth import ROLES, issue_token
 
     if role not in ROLES:
         raise typer.BadParameter(f"role must be one of {', '.join(ROLES)}", param_hint="--role")
     if role == "owner" and not salon:
         raise typer.BadParameter("an owner token needs at least one --salon", param_hint="--salon")
+    settings = get_settings()
     typer.echo(
         issue_token(
-            get_settings().jwt_secret,
+            settings.jwt_secret,
             role=role,  # type: ignore[arg-type]
             salon_ids=list(salon or []),
             ttl_seconds=ttl,
             subject=subject,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
         )
     )
 

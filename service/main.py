@@ -121,7 +121,12 @@ async def start_resources(settings: Settings, telemetry: Telemetry) -> Resources
         reports=ReportService(read_engine, cache, settings, pool=read_pool, stats=telemetry.stats),
         listener=listener,
         telemetry=telemetry,
-        tokens=TokenVerifier(settings.jwt_secret),
+        tokens=TokenVerifier(
+            settings.jwt_secret,
+            leeway=settings.jwt_leeway,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+        ),
         publisher=publisher,
         sql_hooks=sql_hooks,
     )

@@ -383,7 +383,12 @@ async def run_simulation(
         check_loopback(url)
     rng = random.Random(seed)
     token = issue_token(
-        settings.jwt_secret, role="admin", ttl_seconds=int(duration) + 120, subject="simulate"
+        settings.jwt_secret,
+        role="admin",
+        ttl_seconds=int(duration) + 120,
+        subject="simulate",
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
     )
     tally = Tally()
     async with (

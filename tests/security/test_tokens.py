@@ -129,8 +129,8 @@ UNAUTHORISED: dict[str, TokenFactory] = {
     "hs256-the-placeholder-secret": lambda s, d: _jws(
         HS256, _claims(), b"dev-only-insecure-secret-change-me"
     ),
-    # Time claims, with no leeway.
-    "expired-one-second-ago": lambda s, d: _signed(s, exp=int(time.time()) - 1),
+    # Time claims, beyond the default leeway (30 s of clock skew).
+    "expired-a-minute-ago": lambda s, d: _signed(s, exp=int(time.time()) - 60),
     "exp-not-a-number": lambda s, d: _signed(s, exp="never"),
     "exp-null": lambda s, d: _signed(s, exp=None),
     "exp-beyond-any-float": lambda s, d: _jws(
