@@ -1,4 +1,9 @@
-"""JSON errors: every failure leaves as ``{"error": {"code", "message"}}``, never HTML."""
+"""JSON errors: every failure leaves as ``{"error": {"code", "message"}}``, never HTML.
+
+An unhandled exception is answered by ``AnswerUnhandledErrors``, inside the telemetry
+middleware, so that its 500 carries ``X-Trace-Id`` like every other response; the exception
+then goes on up, for the server span to record it and for Starlette to log it.
+"""
 
 from __future__ import annotations
 
@@ -65,7 +70,41 @@ def database_error(error: Exception) -> APIError:
     return DatabaseUnavailable()
 
 
+class AnswerUnhandledErrors:
+    """ASGI middleware: answer an exception no handler took with the JSON 500, then re-raise.
+
+    Starlette answers such an exception in its outermost middleware, outside every middleware
+    the app adds, so that answer would carry no trace id.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            if not started:  # otherwise the client gets a cut response, as it would anyway
+                answer = error_response(500, "internal_error", "internal server error")
+                await answer(scope, receive, send)
+            raise
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    """The JSON handlers, and ``AnswerUnhandledErrors`` as the innermost middleware so far:
+    call this before adding the telemetry middleware, which must wrap it."""
+
     async def on_api_error(_: Request, error: Exception) -> Response:
         assert isinstance(error, APIError)
         return error_response(error.status_code, error.code, error.message, error.headers)
@@ -97,3 +136,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(OperationalError, on_database_error)
     app.add_exception_handler(PoolTimeoutError, on_database_error)
     app.add_exception_handler(Exception, on_unexpected)
+    app.add_middleware(AnswerUnhandledErrors)

@@ -5,9 +5,12 @@ The stock ASGI instrumentation opens three spans per request (the server span pl
 middleware opens one. Per request it:
 
 - continues an incoming W3C ``traceparent``, opens a SERVER span named by route template
-  (``GET /api/v1/optimized-reports/dashboard``), with ``http.request.method``, ``url.path``,
-  ``url.scheme``, ``http.route``, ``http.response.status_code``, and what the endpoint left in
+  (``GET /api/v1/optimized-reports/dashboard``), with ``http.request.method``, ``url.scheme``,
+  ``http.route``, ``http.response.status_code``, and what the endpoint left in
   ``request.state``: ``report.name``, ``salon.id``, ``cache.result`` and ``cache.hit``;
+- never records text the client chose: a path no route matches is named ``unmatched`` (span
+  name, ``http.route``, metrics, stats) and ``url.path`` is recorded only when it is the route
+  template itself; a method outside the HTTP standard ones is recorded as ``_OTHER``;
 - adds ``X-Trace-Id`` to the response;
 - records ``http.server.request.duration`` and feeds the stats aggregator (every request,
   whatever the sampler decided);
@@ -38,6 +41,11 @@ Receive = Any
 Send = Any
 N_PLUS_ONE_THRESHOLD = 5
 UNMATCHED_ROUTE = "unmatched"
+# The semantic conventions' known methods; anything else is recorded as "_OTHER".
+KNOWN_METHODS = frozenset(
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"}
+)
+OTHER_METHOD = "_OTHER"
 
 
 class _HeaderCarrier:
@@ -86,7 +94,7 @@ class TelemetryMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        method = scope["method"]
+        method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
         headers = scope.get("headers") or []
         parent = None
         for name, _ in headers:
@@ -97,9 +105,10 @@ class TelemetryMiddleware:
             method,
             context=parent,
             kind=SpanKind.SERVER,
+            # No url.path yet: until a route matches, the path is whatever the client wrote
+            # (`GET /someone@example.com`).
             attributes={
                 attr.HTTP_REQUEST_METHOD: method,
-                attr.URL_PATH: scope.get("path", ""),
                 attr.URL_SCHEME: scope.get("scheme", "http"),
             },
         )
@@ -122,7 +131,10 @@ class TelemetryMiddleware:
             await send(message)
 
         try:
-            with trace.use_span(span, end_on_exit=False):
+            # The exception is recorded once, below, with its error.type.
+            with trace.use_span(
+                span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+            ):
                 await self.app(scope, receive, send_with_trace_id)
         except Exception as error:
             status_code = 500
@@ -164,6 +176,8 @@ class TelemetryMiddleware:
         if span.is_recording():
             span.update_name(f"{method} {route}")
             span.set_attribute(attr.HTTP_ROUTE, route)
+            if route == scope.get("path"):  # a template without parameters: nothing chosen
+                span.set_attribute(attr.URL_PATH, route)
             span.set_attribute(attr.HTTP_RESPONSE_STATUS_CODE, status_code)
             report = state.get("report_name")
             if report is not None:
