@@ -15,6 +15,7 @@ from service.config import Settings
 from service.errors import APIError
 from service.invalidation import InvalidationListener
 from service.reports.service import ReportService
+from service.schema_version import expected_revisions
 from telemetry.setup import Telemetry
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ class Resources:
     tokens: TokenVerifier
     publisher: StatsPublisher | None = None
     sql_hooks: list[SqlTelemetry] = field(default_factory=list)
+    schema_heads: frozenset[str] = field(default_factory=expected_revisions)  # read at start
 
 
 # Every dependency is `async def`: a plain `def` one is run in a worker thread, which costs

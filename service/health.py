@@ -1,4 +1,5 @@
-"""Probes: ``/healthz`` (alive), ``/readyz`` (PostgreSQL reachable; Redis reported)."""
+"""Probes: ``/healthz`` (alive), ``/readyz`` (PostgreSQL reachable and its schema at the
+Alembic head; Redis reported)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter
-from sqlalchemy import text
 from starlette.responses import Response
 
 from service.deps import ResourcesDep
 from service.errors import error_response
+from service.schema_version import database_revisions, schema_problem
 
 router = APIRouter(tags=["health"])
 
@@ -25,15 +26,19 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", response_model=None)
 async def readyz(resources: ResourcesDep) -> dict[str, Any] | Response:
-    """Ready when PostgreSQL answers; Redis and the invalidation listener are reported."""
+    """Ready when PostgreSQL answers with the schema this code needs (503 with the reason
+    otherwise); Redis and the invalidation listener are reported."""
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
             async with resources.engine.connect() as connection:
-                await connection.execute(text("SELECT 1"))
+                revisions = await database_revisions(connection)
     except Exception:
         return error_response(
             503, "database_unavailable", "PostgreSQL is not reachable", {"Retry-After": "2"}
         )
+    problem = schema_problem(revisions, resources.schema_heads)
+    if problem is not None:
+        return error_response(503, "schema_not_at_head", problem)
     cache = resources.cache
     redis_state = "disabled"
     if cache.redis is not None:

@@ -27,6 +27,7 @@ from service.performance import router as performance_router
 from service.reports.endpoints import router as reports_router
 from service.reports.schemas import error_responses
 from service.reports.service import ReportService
+from service.schema_version import log_schema_state
 from telemetry.metrics import PoolGauges
 from telemetry.middleware import TelemetryMiddleware
 from telemetry.setup import Telemetry, configure
@@ -151,6 +152,7 @@ async def stop_resources(resources: Resources) -> None:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     telemetry: Telemetry = app.state.telemetry
     app.state.resources = await start_resources(app.state.settings, telemetry)
+    await log_schema_state(app.state.resources.engine, app.state.resources.schema_heads)
     try:
         yield
     finally:
