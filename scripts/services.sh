@@ -30,11 +30,25 @@ pg_bindir() {
     return 1
 }
 
+# The change stream (logical decoding) needs the wal2json output plugin of the server's version.
+wal2json_missing() {
+    local bindir
+    bindir="$(pg_bindir)" || return 1
+    [[ ! -f "$("$bindir/pg_config" --pkglibdir 2>/dev/null || echo "$bindir/../lib")/wal2json.so" ]]
+}
+
+pg_major() { basename "$(dirname "$(pg_bindir)")"; }
+
 install_missing() {
     local packages=()
     pg_bindir >/dev/null || packages+=(postgresql)
     command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
     [[ ${#packages[@]} -eq 0 ]] && return 0
+    install_packages "${packages[@]}"
+}
+
+install_packages() {
+    local packages=("$@")
     if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
         say "installing ${packages[*]}"
         apt-get update -qq
@@ -89,6 +103,16 @@ shared_preload_libraries = 'pg_stat_statements'
 log_min_messages = warning
 CONF
     fi
+    # The change stream: logical decoding through a replication slot (see README, "Write path").
+    cat >"$datadir/conf.d-salon-reports.conf" <<CONF
+wal_level = logical
+max_replication_slots = 64
+max_wal_senders = 16
+max_slot_wal_keep_size = 4GB
+CONF
+    grep -q "conf.d-salon-reports.conf" "$datadir/postgresql.conf" \
+        || echo "include_if_exists = 'conf.d-salon-reports.conf'" >>"$datadir/postgresql.conf"
+    if [[ "$(id -u)" -eq 0 ]]; then chown postgres "$datadir/conf.d-salon-reports.conf"; fi
     if pg_run_as "$bindir/pg_ctl" -D "$datadir" status >/dev/null 2>&1; then
         say "PostgreSQL already running on 127.0.0.1:$PG_PORT"
     else
@@ -97,6 +121,12 @@ CONF
             || { tail -20 "$logfile" >&2; die "PostgreSQL did not start"; }
     fi
     local psql=("$bindir/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qtA)
+    # A cluster started before the change stream existed runs with wal_level = replica.
+    if [[ "$("${psql[@]}" -d postgres -c "SHOW wal_level")" != logical ]]; then
+        say "restarting PostgreSQL with wal_level = logical"
+        pg_run_as "$bindir/pg_ctl" -D "$datadir" -l "$logfile" -w -t 60 restart >/dev/null \
+            || { tail -20 "$logfile" >&2; die "PostgreSQL did not restart"; }
+    fi
     if [[ "$("${psql[@]}" -d postgres -c "SELECT 1 FROM pg_roles WHERE rolname = '$PG_USER'")" != 1 ]]; then
         "${psql[@]}" -d postgres -c "CREATE ROLE $PG_USER LOGIN SUPERUSER PASSWORD '$PG_USER'"
     fi
@@ -166,6 +196,7 @@ write_env() {
 case "${1:-start}" in
     start)
         install_missing
+        if wal2json_missing; then install_packages "postgresql-$(pg_major)-wal2json"; fi
         pg_start
         redis_start
         write_env

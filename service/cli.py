@@ -1,4 +1,4 @@
-"""The ``salon-reports`` command: serve, migrate, seed, token."""
+"""The ``salon-reports`` command: serve, migrate, seed, token, simulate, follow, rollups."""
 
 from __future__ import annotations
 
@@ -72,6 +72,10 @@ def seed(
         progress=True,
     )
     typer.echo(summary)
+    if "nothing seeded" not in summary:
+        # A bulk load is cheaper to recompute than to fold row by row: the rebuild restarts
+        # the change stream after the load.
+        _rebuild(quiet=False)
 
 
 @app.command()
@@ -117,6 +121,77 @@ def simulate(
     from service.simulate import simulate as run_simulation
 
     typer.echo(run_simulation(url=url, rps=rps, writes_per_min=writes_per_min, duration=duration))
+
+
+rollups = typer.Typer(help="The tables derived from bookings (see README, Write path).")
+app.add_typer(rollups, name="rollups")
+
+
+def _dsn() -> str:
+    from service.db import libpq_url
+
+    return libpq_url(get_settings().database_url)
+
+
+def _rebuild(*, quiet: bool) -> None:
+    import asyncio
+
+    from service.changes.rebuild import rebuild
+
+    rebuilt = asyncio.run(rebuild(_dsn()))
+    if not quiet:
+        typer.echo(
+            f"derived tables rebuilt in {rebuilt.seconds:.1f} s from one snapshot; the change"
+            f" stream continues from slot {rebuilt.slot_name}"
+        )
+        for table, rows in rebuilt.rows.items():
+            typer.echo(f"  {table}: {rows} rows")
+
+
+@rollups.command("rebuild")
+def rollups_rebuild() -> None:
+    """Recompute every derived table from bookings and restart the change stream, exactly,
+    while writes go on (also what brings a lost stream back)."""
+    _rebuild(quiet=False)
+
+
+@rollups.command("verify")
+def rollups_verify(
+    rounds: Annotated[int, typer.Option(min=1, help="Comparisons a difference must survive.")] = 3,
+) -> None:
+    """Recompute every derived table from bookings and print the differences (exit 1 if any)."""
+    import asyncio
+
+    from service.changes.verify import verify
+
+    differences = asyncio.run(verify(_dsn(), rounds=rounds))
+    for difference in differences[:1000]:
+        typer.echo(str(difference))
+    if differences:
+        typer.echo(f"{len(differences)} differences", err=True)
+        raise typer.Exit(1)
+    typer.echo("every derived table equals its recomputation from bookings")
+
+
+@app.command()
+def follow() -> None:
+    """Run only the change-stream consumer (``serve`` runs one too; one is active at a time)."""
+    import asyncio
+    import logging
+    import signal
+
+    from service.changes.consumer import ChangeConsumer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    async def run() -> None:
+        consumer = ChangeConsumer(_dsn())
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, consumer._stopping.set)
+        await consumer.run()
+
+    asyncio.run(run())
 
 
 if __name__ == "__main__":

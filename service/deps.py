@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.auth import InvalidToken, Principal, TokenVerifier
 from service.cache import ReportCache
+from service.changes.consumer import ChangeConsumer, StreamMonitor, StreamStatus
 from service.config import Settings
 from service.errors import APIError
 from service.invalidation import InvalidationListener
@@ -38,6 +39,9 @@ class Resources:
     publisher: StatsPublisher | None = None
     sql_hooks: list[SqlTelemetry] = field(default_factory=list)
     schema_heads: frozenset[str] = field(default_factory=expected_revisions)  # read at start
+    stream: StreamStatus = field(default_factory=lambda: StreamStatus())
+    stream_monitor: StreamMonitor | None = None
+    consumer: ChangeConsumer | None = None
 
 
 # Every dependency is `async def`: a plain `def` one is run in a worker thread, which costs

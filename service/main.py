@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -15,6 +15,8 @@ from sqlalchemy.pool import QueuePool
 from service import __version__
 from service.auth import TokenVerifier
 from service.cache import CircuitBreaker, LocalTier, ReportCache
+from service.changes.consumer import ChangeConsumer, StreamMonitor, StreamStatus
+from service.changes.stream import Batch
 from service.config import Settings, get_settings
 from service.db import async_engine, libpq_url
 from service.deps import Resources
@@ -113,13 +115,26 @@ async def start_resources(settings: Settings, telemetry: Telemetry) -> Resources
         listener.start()
         publisher = StatsPublisher(redis, telemetry)
         publisher.start()
+    primary_dsn = libpq_url(settings.database_url)
+    stream = StreamStatus()
+    telemetry.instruments.stream = stream.gauges
+    monitor = StreamMonitor(primary_dsn, stream, on_current=cache.clear_all)
+    try:
+        await monitor.poll()
+    except Exception as error:  # not migrated, or the database is down: reported by /readyz
+        logger.error("cannot read the change stream's state: %s", error)
+    monitor.start()
+    consumer = ChangeConsumer(primary_dsn, status=stream, on_batch=_freshness_recorder(telemetry))
+    consumer.start()
     read_pool = telemetry.instruments.pools[-1]
     return Resources(
         settings=settings,
         engine=engine,
         read_engine=read_engine,
         cache=cache,
-        reports=ReportService(read_engine, cache, settings, pool=read_pool, stats=telemetry.stats),
+        reports=ReportService(
+            read_engine, cache, settings, pool=read_pool, stats=telemetry.stats, stream=stream
+        ),
         listener=listener,
         telemetry=telemetry,
         tokens=TokenVerifier(
@@ -130,10 +145,30 @@ async def start_resources(settings: Settings, telemetry: Telemetry) -> Resources
         ),
         publisher=publisher,
         sql_hooks=sql_hooks,
+        stream=stream,
+        stream_monitor=monitor,
+        consumer=consumer,
     )
 
 
+def _freshness_recorder(telemetry: Telemetry) -> Callable[[Batch], None]:
+    """Record each applied transaction's commit -> applied lag (metrics and stats)."""
+    histogram = telemetry.instruments.freshness_lag
+    stats = telemetry.stats
+
+    def record(batch: Batch) -> None:
+        for lag in batch.lags:
+            histogram.record(lag)
+            stats.record_freshness(lag)
+
+    return record
+
+
 async def stop_resources(resources: Resources) -> None:
+    if resources.consumer is not None:
+        await resources.consumer.stop()
+    if resources.stream_monitor is not None:
+        await resources.stream_monitor.stop()
     if resources.publisher is not None:
         await resources.publisher.stop()
     if resources.listener is not None:

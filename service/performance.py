@@ -48,7 +48,10 @@ def local_snapshot(telemetry: Telemetry) -> dict[str, Any]:
         pool["waiting"] += status.waiting
         pool["timeouts"] += status.timeouts
     memory = {"rss_bytes": rss_bytes(), "limit_bytes": memory_limit_bytes()}
-    return telemetry.stats.snapshot(pool=pool, memory=memory)
+    stream = telemetry.instruments.stream
+    return telemetry.stats.snapshot(
+        pool=pool, memory=memory, change_stream=None if stream is None else stream.as_dict()
+    )
 
 
 class StatsPublisher:

@@ -2,8 +2,9 @@
 
 Emits: ``http.server.request.duration``, ``db.client.operation.duration``,
 ``db.client.response.returned_rows``, ``db.client.connection.count`` / ``.max`` /
-``.pending_requests`` / ``.timeouts``, ``reports.cache.requests``, ``process.memory.usage``
-and ``reports.memory.limit``.
+``.pending_requests`` / ``.timeouts``, ``reports.cache.requests``, ``process.memory.usage``,
+``reports.memory.limit``, ``reports.freshness.lag`` and the change stream's
+``reports.change_stream.backlog`` / ``.retained_wal`` / ``.lost`` / ``.consumer``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,28 @@ DURATION_BUCKETS_SECONDS = (
     10.0,
 )
 ROW_BUCKETS = (0, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000, 10000)
+FRESHNESS_BUCKETS_SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+@dataclass
+class StreamGauges:
+    """The change stream as this worker last saw it, read when metrics are collected."""
+
+    state: str = "uninitialised"  # current | uninitialised | lost
+    reason: str | None = None
+    lost: bool = False
+    backlog_bytes: int = 0  # WAL not yet acknowledged by the consumer
+    retained_wal_bytes: int = 0  # WAL the slot keeps on the server's disk
+    consumer: bool = False  # this worker is the one that folds the stream
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "state": self.state,
+            "reason": self.reason,
+            "backlog_bytes": self.backlog_bytes,
+            "retained_wal_bytes": self.retained_wal_bytes,
+            "consumer": self.consumer,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +113,7 @@ class Instruments:
 
     meter: Meter
     pools: list[PoolGauges] = field(default_factory=list)
+    stream: StreamGauges | None = None
 
     def __post_init__(self) -> None:
         meter = self.meter
@@ -144,6 +168,42 @@ class Instruments:
             unit="{timeout}",
             description="Connection requests that timed out waiting.",
         )
+        self.freshness_lag = meter.create_histogram(
+            "reports.freshness.lag",
+            unit="s",
+            description="From a write's commit to its being applied to the derived data (and"
+            " the cache invalidated), per transaction.",
+            explicit_bucket_boundaries_advisory=FRESHNESS_BUCKETS_SECONDS,
+        )
+        for name, unit, description, read in (
+            (
+                "reports.change_stream.backlog",
+                "By",
+                "WAL written since the consumer's position (not yet applied).",
+                lambda stream: stream.backlog_bytes,
+            ),
+            (
+                "reports.change_stream.retained_wal",
+                "By",
+                "WAL the change stream's replication slot keeps on the server.",
+                lambda stream: stream.retained_wal_bytes,
+            ),
+            (
+                "reports.change_stream.lost",
+                "{state}",
+                "1 while the change stream's position is lost (derived data not current).",
+                lambda stream: int(stream.lost),
+            ),
+            (
+                "reports.change_stream.consumer",
+                "{consumer}",
+                "1 on the worker that folds the change stream, 0 on the others.",
+                lambda stream: int(stream.consumer),
+            ),
+        ):
+            meter.create_observable_gauge(
+                name, callbacks=[self._stream_callback(read)], unit=unit, description=description
+            )
         meter.create_observable_gauge(
             "process.memory.usage",
             callbacks=[self._memory],
@@ -185,6 +245,15 @@ class Instruments:
 
     def _timeouts(self, _: CallbackOptions) -> Iterable[Observation]:
         return self._per_pool(lambda pool: pool.timeouts)
+
+    def _stream_callback(
+        self, read: Callable[[StreamGauges], int]
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(_: CallbackOptions) -> Iterable[Observation]:
+            if self.stream is not None:
+                yield Observation(read(self.stream))
+
+        return observe
 
     @staticmethod
     def _memory(_: CallbackOptions) -> Iterable[Observation]:

@@ -98,6 +98,8 @@ _HIT, _MISS, _STALE, _ERROR, _BYPASS = range(len(CACHE_RESULTS))
 # counted under OTHER_SERIES: a caller passing raw paths must not grow memory without bound.
 OTHER_SERIES = "<other>"
 _POOL_KEYS = ("size", "in_use", "waiting", "timeouts")
+_STREAM_KEYS = ("state", "reason", "backlog_bytes", "retained_wal_bytes", "consumer")
+_STREAM_STATES = ("current", "uninitialised", "lost")  # from best to worst
 _QUANTILES = (0.5, 0.95, 0.99)
 _INF = math.inf
 _NEVER = -(2**62)  # epoch of a slot that has never been used
@@ -114,6 +116,8 @@ class Thresholds:
     pool_max_timeouts_in_window: int = 0  # or checkout timeouts in the window > this
     pool_in_use_ratio: float = 1.0  # or a worker's in_use >= this * size
     memory_ratio_max: float = 0.80  # breached when rss / limit > this
+    freshness_p99_seconds: float = 5.0  # breached when the window's lag p99 > this ...
+    retained_wal_bytes: int = 1024**3  # ... or a slot retains more WAL, or the stream is lost
 
 
 # -- the counting cells ----------------------------------------------------------------------
@@ -146,6 +150,7 @@ class _Counts:
         "end",
         "endpoints",
         "epoch",
+        "freshness",
         "n_plus_one",
         "pool_timeouts",
         "queries",
@@ -157,6 +162,7 @@ class _Counts:
         self.endpoints: dict[str, _Endpoint] = {}
         self.queries: dict[str, _Query] = {}
         self.cache: dict[str, list[int]] = {}
+        self.freshness = LatencySketch(accuracy)  # commit -> applied, in ms
         self.n_plus_one = 0
         self.pool_timeouts = 0
         self.epoch = epoch
@@ -185,6 +191,7 @@ class _Counts:
                 counts = self.cache[report] = [0] * len(CACHE_RESULTS)
             for index, value in enumerate(their_counts):
                 counts[index] += value
+        self.freshness.merge(other.freshness)
         self.n_plus_one += other.n_plus_one
         self.pool_timeouts += other.pool_timeouts
 
@@ -210,6 +217,7 @@ class _Counts:
                 report: dict(zip(CACHE_RESULTS, counts, strict=True))
                 for report, counts in sorted(self.cache.items())
             },
+            "freshness": self.freshness.to_dict(),
             "n_plus_one": self.n_plus_one,
             "pool_timeouts": self.pool_timeouts,
         }
@@ -231,6 +239,8 @@ class _Counts:
             query.slow_calls = _count(entry["slow_calls"])
         for report, by_result in data["cache"].items():
             counts.cache[str(report)] = [_count(by_result[result]) for result in CACHE_RESULTS]
+        if "freshness" in data:
+            counts.freshness = LatencySketch.from_dict(data["freshness"])
         counts.n_plus_one = _count(data["n_plus_one"])
         counts.pool_timeouts = _count(data["pool_timeouts"])
         return counts
@@ -399,6 +409,21 @@ class StatsAggregator:
         finally:
             lock.release()
 
+    def record_freshness(self, lag_seconds: float) -> None:
+        """Count one write applied to the derived data, ``lag_seconds`` after its commit."""
+        if not 0.0 <= lag_seconds < _INF:
+            raise ValueError(f"lag_seconds must be finite and >= 0, got {lag_seconds!r}")
+        now = self._clock()
+        lock = self._lock
+        lock.acquire()
+        try:
+            counts = self._current
+            if not counts.start <= now < counts.end:
+                counts = self._advance(now)
+            counts.freshness.add(lag_seconds * 1000)
+        finally:
+            lock.release()
+
     def record_pool_timeout(self) -> None:
         """Count one connection-pool checkout that timed out (dated, for the pool alert)."""
         now = self._clock()
@@ -465,11 +490,13 @@ class StatsAggregator:
         self,
         pool: Mapping[str, float] | None = None,
         memory: Mapping[str, float] | None = None,
+        change_stream: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """This worker's JSON-serialisable state, for ``merge_snapshots``.
 
         ``pool``: ``{size, in_use, waiting, timeouts}`` (``timeouts`` cumulative); ``memory``:
-        ``{rss_bytes, limit_bytes}``. Both are gauges read by the caller just before.
+        ``{rss_bytes, limit_bytes}``; ``change_stream``: ``{state, reason, backlog_bytes,
+        retained_wal_bytes, consumer}``. All are gauges read by the caller just before.
         """
         now = self._clock()
         taken_at = self._wall_clock()
@@ -507,6 +534,9 @@ class StatsAggregator:
                 "rss_bytes": memory.get("rss_bytes", 0),
                 "limit_bytes": memory.get("limit_bytes", 0),
             },
+            "change_stream": None
+            if change_stream is None
+            else {key: change_stream.get(key) for key in _STREAM_KEYS},
             "recent_slow_queries": [
                 {
                     "name": name,
@@ -573,6 +603,7 @@ def merge_snapshots(
     workers: list[str] = []
     pools: list[dict[str, Any]] = []
     memories: list[dict[str, Any]] = []
+    streams: list[dict[str, Any]] = []
     recent_slow: list[dict[str, Any]] = []
     recent_n_plus_one: list[dict[str, Any]] = []
     n_plus_one_total = 0
@@ -596,6 +627,9 @@ def merge_snapshots(
                         "limit_bytes": memory.get("limit_bytes", 0),
                     }
                 )
+            stream = snapshot.get("change_stream")
+            if stream is not None:
+                streams.append({"worker": worker, **stream})
             recent_slow.extend(snapshot["recent_slow_queries"])
             recent_n_plus_one.extend(snapshot["n_plus_one"]["recent"])
             n_plus_one_total += _count(snapshot["n_plus_one"]["total"])
@@ -628,6 +662,7 @@ def merge_snapshots(
         "last_window": (window or empty).to_dict(),
         "pool": _merge_pools(pools),
         "memory": _merge_memory(memories),
+        "change_stream": _merge_streams(streams),
         "recent_slow_queries": recent_slow[:recent_limit],
         "n_plus_one": {"total": n_plus_one_total, "recent": recent_n_plus_one[:recent_limit]},
     }
@@ -639,6 +674,26 @@ def _merge_pools(pools: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     merged: dict[str, Any] = {key: sum(pool[key] for pool in pools) for key in _POOL_KEYS}
     merged["workers"] = [dict(pool) for pool in pools]
     return merged
+
+
+def _merge_streams(streams: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Every worker sees the same stream: the worst state and the largest figures count."""
+    if not streams:
+        return None
+
+    def rank(stream: Mapping[str, Any]) -> int:
+        state = stream.get("state")
+        return _STREAM_STATES.index(state) if state in _STREAM_STATES else len(_STREAM_STATES)
+
+    worst = max(streams, key=rank)
+    return {
+        "state": worst.get("state"),
+        "reason": worst.get("reason"),
+        "backlog_bytes": max((s.get("backlog_bytes") or 0) for s in streams),
+        "retained_wal_bytes": max((s.get("retained_wal_bytes") or 0) for s in streams),
+        "consumers": sum(1 for s in streams if s.get("consumer")),
+        "workers": [dict(stream) for stream in streams],
+    }
 
 
 def _merge_memory(memories: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
@@ -690,13 +745,64 @@ def render(merged: Mapping[str, Any], thresholds: Thresholds | None = None) -> d
             "workers": pool["workers"],
         },
         "memory": None if memory is None else {**memory, "usage_ratio": _memory_ratio(memory)},
+        "freshness": {
+            "since_start": _render_freshness(since_start.freshness),
+            "last_5m": _render_freshness(window.freshness),
+            "change_stream": merged.get("change_stream"),
+        },
         "recent_slow_queries": list(merged["recent_slow_queries"]),
         "n_plus_one": {
             "total": merged["n_plus_one"]["total"],
             "last_5m": window.n_plus_one,
             "recent": list(merged["n_plus_one"]["recent"]),
         },
-        "alerts": _evaluate_alerts(window, pool, memory, thresholds),
+        "alerts": [
+            *_evaluate_alerts(window, pool, memory, thresholds),
+            _freshness_alert(window, merged.get("change_stream"), thresholds),
+        ],
+    }
+
+
+def _render_freshness(lags: LatencySketch) -> dict[str, Any]:
+    """Commit -> applied to the derived data, in seconds."""
+    p50, p99 = lags.quantiles((0.5, 0.99))
+    return {
+        "applied": lags.count,
+        "p50_s": _seconds(p50),
+        "p99_s": _seconds(p99),
+        "max_s": _seconds(lags.max),
+    }
+
+
+def _seconds(milliseconds: float | None) -> float | None:
+    return None if milliseconds is None else round(milliseconds / 1000, 4)
+
+
+def _freshness_alert(
+    window: _Counts, stream: Mapping[str, Any] | None, thresholds: Thresholds
+) -> dict[str, Any]:
+    reasons = []
+    p99 = window.freshness.quantile(0.99)
+    if p99 is not None and p99 / 1000 > thresholds.freshness_p99_seconds:
+        reasons.append(f"lag p99 {p99 / 1000:.2f} s over the window")
+    if stream is not None:
+        if stream["state"] != "current":
+            reasons.append(f"change stream {stream['state']}: {stream['reason']}")
+        if stream["retained_wal_bytes"] > thresholds.retained_wal_bytes:
+            reasons.append(f"the slot retains {stream['retained_wal_bytes']} bytes of WAL")
+    return {
+        "name": "freshness",
+        "breached": bool(reasons),
+        "value": {
+            "p99_s": _seconds(p99),
+            "state": None if stream is None else stream["state"],
+            "retained_wal_bytes": None if stream is None else stream["retained_wal_bytes"],
+        },
+        "threshold": {
+            "p99_s": thresholds.freshness_p99_seconds,
+            "retained_wal_bytes": thresholds.retained_wal_bytes,
+        },
+        "detail": "; ".join(reasons) or None,
     }
 
 

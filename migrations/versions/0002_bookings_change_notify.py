@@ -22,6 +22,11 @@ CHANNEL = "bookings_changed"
 
 
 def upgrade() -> None:
+    create_triggers()
+
+
+def create_triggers() -> None:
+    """The NOTIFY triggers (also re-created by 0005's downgrade)."""
     op.execute(
         f"""
         CREATE FUNCTION notify_bookings_changed() RETURNS trigger
@@ -80,6 +85,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    drop_triggers()
+
+
+def drop_triggers() -> None:
     for trigger in ("insert", "update", "delete", "truncate"):
         op.execute(f"DROP TRIGGER IF EXISTS bookings_notify_{trigger} ON bookings")
     op.execute("DROP FUNCTION IF EXISTS notify_bookings_changed()")

@@ -91,6 +91,17 @@ def upgrade() -> None:
         " ON professional_client_first_bookings (professional_id, first_at)"
     )
 
+    create_triggers()
+    # Platform-wide periods: an index-only scan by time, like the per-salon covering index.
+    op.execute(
+        "CREATE INDEX idx_bookings_scheduled_covering ON bookings (scheduled_at)"
+        " INCLUDE (salon_id, status, price_cents, client_id, service_id, professional_id)"
+    )
+
+
+def create_triggers() -> None:
+    """The statement-level triggers that keep the tables exact (also re-created by 0005's
+    downgrade)."""
     on_insert = "\n".join(_insert_sql(t, k) for t, k in FIRSTS.items())
     on_change_old = "\n".join(_refresh_sql(t, k, "old_rows") for t, k in FIRSTS.items())
     on_change_both = "\n".join(
@@ -137,17 +148,16 @@ def upgrade() -> None:
             FOR EACH STATEMENT EXECUTE FUNCTION bookings_firsts_truncate();
         """
     )
-    # Platform-wide periods: an index-only scan by time, like the per-salon covering index.
-    op.execute(
-        "CREATE INDEX idx_bookings_scheduled_covering ON bookings (scheduled_at)"
-        " INCLUDE (salon_id, status, price_cents, client_id, service_id, professional_id)"
-    )
+
+
+def drop_triggers() -> None:
+    for name in ("insert", "update", "delete", "truncate"):
+        op.execute(f"DROP TRIGGER IF EXISTS bookings_firsts_{name} ON bookings")
+        op.execute(f"DROP FUNCTION IF EXISTS bookings_firsts_{name}()")
 
 
 def downgrade() -> None:
     op.execute("DROP INDEX IF EXISTS idx_bookings_scheduled_covering")
-    for name in ("insert", "update", "delete", "truncate"):
-        op.execute(f"DROP TRIGGER IF EXISTS bookings_firsts_{name} ON bookings")
-        op.execute(f"DROP FUNCTION IF EXISTS bookings_firsts_{name}()")
+    drop_triggers()
     for table in FIRSTS:
         op.execute(f"DROP TABLE IF EXISTS {table}")

@@ -220,7 +220,7 @@ def _create_tables() -> None:
     )
 
 
-def _fill_tables() -> None:
+def fill_tables() -> None:
     for table in COUNTERS:
         op.execute(_counter_upsert(table, ("bookings",)))
     op.execute(
@@ -237,9 +237,9 @@ def _fill_tables() -> None:
     )
 
 
-def upgrade() -> None:
-    _create_tables()
-    _fill_tables()
+def create_triggers() -> None:
+    """The statement-level triggers that keep the rollups exact (also re-created by 0005's
+    downgrade)."""
     for event, sources in TRANSITIONS.items():
         counters = "\n".join(_counter_upsert(table, sources) for table in COUNTERS)
         op.execute(
@@ -275,6 +275,18 @@ def upgrade() -> None:
             FOR EACH STATEMENT EXECUTE FUNCTION bookings_rollups_truncate();
         """
     )
+
+
+def drop_triggers() -> None:
+    for event in (*TRANSITIONS, "truncate"):
+        op.execute(f"DROP TRIGGER IF EXISTS bookings_rollups_{event} ON bookings")
+        op.execute(f"DROP FUNCTION IF EXISTS bookings_rollups_{event}()")
+
+
+def upgrade() -> None:
+    _create_tables()
+    fill_tables()
+    create_triggers()
     # A platform-wide page of professionals counts its clients from here (index-only).
     op.execute(
         "CREATE INDEX idx_bookings_professional_scheduled_covering"
@@ -284,8 +296,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("DROP INDEX IF EXISTS idx_bookings_professional_scheduled_covering")
-    for event in (*TRANSITIONS, "truncate"):
-        op.execute(f"DROP TRIGGER IF EXISTS bookings_rollups_{event} ON bookings")
-        op.execute(f"DROP FUNCTION IF EXISTS bookings_rollups_{event}()")
+    drop_triggers()
     for table in TABLES:
         op.execute(f"DROP TABLE IF EXISTS {table}")

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.auth import Principal
 from service.cache import CacheEntry, CacheResult, Outcome, ReportCache, build_key
+from service.changes.consumer import StreamStatus
 from service.config import Settings
 from service.errors import APIError, database_error
 from service.reports import queries
@@ -79,12 +80,14 @@ class ReportService:
         *,
         pool: PoolGauges | None = None,
         stats: StatsAggregator | None = None,
+        stream: StreamStatus | None = None,
     ) -> None:
         self.engine = engine
         self.cache = cache
         self.settings = settings
         self.pool = pool or PoolGauges("read", lambda: (0, 0, 0))
         self.stats = stats
+        self.stream = stream if stream is not None else StreamStatus()
         self._timezones: dict[int, tuple[str, float]] = {}
         # Requests queue for a connection here, first come first served, rather than in the
         # pool, whose waiters are woken in no particular order: under a burst of misses the
@@ -146,6 +149,8 @@ class ReportService:
         params: dict[str, Any],
         compute: Callable[[], Awaitable[bytes]],
     ) -> Outcome:
+        # Neither computed nor cached figures are current while the stream is not.
+        self.stream.require_current()
         key = build_key(report, scope.salon_id, principal.scope_key, params)
         return await self.cache.fetch(key, self.settings.cache_ttl(report), compute)
 

@@ -1,0 +1,233 @@
+"""The tables derived from ``bookings``, and the SQL that keeps each one exact.
+
+Every derived table is defined here twice over: how to fold a batch of booking changes into it
+(``fold_statements``, run by the change-stream consumer) and how to compute it from scratch
+(``recompute_sql``, used by ``rollups rebuild`` and ``rollups verify``). The writers of
+``bookings`` never touch these tables.
+
+- Counters (``platform_day_rollups``, ``platform_hour_rollups``, ``service_day_rollups``,
+  ``service_month_rollups``, ``professional_day_rollups``, ``professional_month_rollups``):
+  bookings per status and completed revenue per UTC bucket. Folded as deltas (+1 for a row's
+  new version, -1 for its old one); exact because every change is applied exactly once (the
+  position advances in the same transaction, see ``service.changes.stream``).
+- ``client_visit_days (client_id, day, bookings)``: each client's UTC visit days, counted; also
+  deltas. ``client_visit_pairs (day, prev_day, clients)`` is derived from it: the clients whose
+  visit days moved lose their old pairs and gain their new ones, both read from
+  ``client_visit_days`` in the same transaction, so the pairs always match the days.
+- First bookings (``client_first_bookings``, ``salon_client_first_bookings``,
+  ``professional_client_first_bookings``): the earliest ``scheduled_at`` per key, recomputed
+  from ``bookings`` for every key a batch touches. A recomputation is idempotent and sees every
+  commit up to its own snapshot; a change committed later reaches the consumer in a later
+  batch and recomputes the key again, so the last recomputation of each key is exact.
+
+Platform-wide figures use the UTC calendar (SPEC §5).
+"""
+
+from __future__ import annotations
+
+STATUSES = ("pending", "confirmed", "completed", "cancelled", "no_show")
+VALUES = (*STATUSES, "revenue_cents")
+
+UTC_TIME = "scheduled_at AT TIME ZONE 'UTC'"
+UTC_DAY = f"({UTC_TIME})::date"
+UTC_MONTH = f"date_trunc('month', {UTC_TIME})::date"
+
+# counter table: its key columns and their expressions over a booking row
+COUNTERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "platform_day_rollups": (("day", UTC_DAY),),
+    "platform_hour_rollups": (
+        ("day", UTC_DAY),
+        ("hour", f"extract(hour FROM {UTC_TIME})::smallint"),
+    ),
+    "service_day_rollups": (("day", UTC_DAY), ("service_id", "service_id")),
+    "service_month_rollups": (("month", UTC_MONTH), ("service_id", "service_id")),
+    "professional_day_rollups": (("day", UTC_DAY), ("professional_id", "professional_id")),
+    "professional_month_rollups": (("month", UTC_MONTH), ("professional_id", "professional_id")),
+}
+
+# first-booking table: its key columns
+FIRSTS: dict[str, tuple[str, ...]] = {
+    "client_first_bookings": ("client_id",),
+    "salon_client_first_bookings": ("salon_id", "client_id"),
+    "professional_client_first_bookings": ("professional_id", "client_id"),
+}
+
+VISIT_TABLES = ("client_visit_days", "client_visit_pairs")
+TABLES = (*COUNTERS, *VISIT_TABLES, *FIRSTS)
+
+# The batch being folded: one row per booking version (+1 new, -1 old), see stream.py.
+BATCH = "stream_changes"
+BOOKING_ROWS = f"SELECT * FROM {BATCH} WHERE relation = 'bookings' AND sign IS NOT NULL"
+
+
+# -- counters ------------------------------------------------------------------------------
+
+
+def _counter_rows(source: str, keys: tuple[tuple[str, str], ...], signed: bool) -> str:
+    """Per key of ``keys``: the status counts and completed revenue of ``source``'s rows."""
+    names = ", ".join(name for name, _ in keys)
+    expressions = ", ".join(f"{expression} AS {name}" for name, expression in keys)
+    weight = "sign" if signed else "1"
+    sums = ", ".join(
+        f"coalesce(sum({weight}) FILTER (WHERE status = '{status}'), 0)::int AS {status}"
+        for status in STATUSES
+    )
+    revenue = (
+        f"coalesce(sum({weight} * price_cents) FILTER (WHERE status = 'completed'), 0)::bigint"
+        " AS revenue_cents"
+    )
+    sign = "sign, " if signed else ""
+    return f"""
+        SELECT {names}, {sums}, {revenue}
+        FROM (SELECT {sign}status, price_cents, {expressions} FROM ({source}) AS s) AS keyed
+        GROUP BY {names}
+    """
+
+
+def fold_counter(table: str) -> str:
+    keys = COUNTERS[table]
+    names = ", ".join(name for name, _ in keys)
+    nonzero = " OR ".join(f"{value} <> 0" for value in VALUES)
+    return f"""
+        INSERT INTO {table} AS t ({names}, {", ".join(VALUES)})
+        SELECT * FROM ({_counter_rows(BOOKING_ROWS, keys, signed=True)}) AS delta
+        WHERE {nonzero}
+        ORDER BY {names}
+        ON CONFLICT ({names}) DO UPDATE SET
+            {", ".join(f"{value} = t.{value} + EXCLUDED.{value}" for value in VALUES)}
+    """
+
+
+def recompute_counter(table: str) -> str:
+    return _counter_rows("SELECT * FROM bookings", COUNTERS[table], signed=False)
+
+
+# -- visit days and pairs ----------------------------------------------------------------------
+
+_PREV_DAY = "coalesce(lag(day) OVER (PARTITION BY client_id ORDER BY day), '-infinity')"
+# clients with a visit day whose count the batch changes
+_MOVED_CLIENTS = f"""
+    SELECT DISTINCT client_id FROM (
+        SELECT client_id, {UTC_DAY} AS day, sum(sign) AS delta FROM ({BOOKING_ROWS}) AS b
+        GROUP BY 1, 2
+    ) AS days WHERE delta <> 0
+"""
+
+
+def _shift_pairs(sign: int) -> str:
+    """Add (``sign`` = 1) or remove (-1) the visit pairs of the moved clients, as
+    ``client_visit_days`` holds them now."""
+    return f"""
+        INSERT INTO client_visit_pairs AS t (day, prev_day, clients)
+        SELECT day, prev_day, {sign} * count(*) FROM (
+            SELECT day, {_PREV_DAY} AS prev_day FROM client_visit_days
+            WHERE client_id IN (SELECT client_id FROM moved_clients)
+        ) AS pairs
+        GROUP BY day, prev_day
+        ORDER BY day, prev_day
+        ON CONFLICT (day, prev_day) DO UPDATE SET clients = t.clients + EXCLUDED.clients
+    """
+
+
+CREATE_MOVED_CLIENTS = (
+    "CREATE TEMP TABLE IF NOT EXISTS moved_clients (client_id bigint PRIMARY KEY)"
+    " ON COMMIT DELETE ROWS"
+)
+FOLD_VISITS = (
+    f"INSERT INTO moved_clients {_MOVED_CLIENTS}",
+    _shift_pairs(-1),
+    f"""
+    INSERT INTO client_visit_days AS t (client_id, day, bookings)
+    SELECT client_id, {UTC_DAY}, sum(sign) FROM ({BOOKING_ROWS}) AS b
+    GROUP BY 1, 2 HAVING sum(sign) <> 0
+    ORDER BY 1, 2
+    ON CONFLICT (client_id, day) DO UPDATE SET bookings = t.bookings + EXCLUDED.bookings
+    """,
+    "DELETE FROM client_visit_days WHERE bookings = 0"
+    " AND client_id IN (SELECT client_id FROM moved_clients)",
+    _shift_pairs(1),
+)
+
+RECOMPUTE_VISIT_DAYS = (
+    f"SELECT client_id, {UTC_DAY} AS day, count(*)::int AS bookings FROM bookings GROUP BY 1, 2"
+)
+RECOMPUTE_VISIT_PAIRS = f"""
+    SELECT day, prev_day, count(*)::int AS clients FROM (
+        SELECT day, {_PREV_DAY} AS prev_day
+        FROM (SELECT DISTINCT client_id, {UTC_DAY} AS day FROM bookings) AS days
+    ) AS pairs
+    GROUP BY day, prev_day
+"""
+
+
+# -- first bookings ------------------------------------------------------------------------------
+
+
+def fold_first(table: str) -> str:
+    """Recompute the first booking of every key the batch touches (old or new version)."""
+    keys = FIRSTS[table]
+    columns = ", ".join(keys)
+    on_table = " AND ".join(f"f.{key} = r.{key}" for key in keys)
+    on_bookings = " AND ".join(f"b.{key} = a.{key}" for key in keys)
+    return f"""
+        WITH affected AS (
+            SELECT DISTINCT {columns} FROM ({BOOKING_ROWS}) AS changed
+        ),
+        recomputed AS (
+            SELECT a.*, (SELECT min(b.scheduled_at) FROM bookings b WHERE {on_bookings})
+                AS first_at
+            FROM affected a
+        ),
+        gone AS (
+            DELETE FROM {table} f USING recomputed r WHERE {on_table} AND r.first_at IS NULL
+        )
+        INSERT INTO {table} ({columns}, first_at)
+        SELECT {columns}, first_at FROM recomputed WHERE first_at IS NOT NULL
+        ORDER BY {columns}
+        ON CONFLICT ({columns}) DO UPDATE SET first_at = EXCLUDED.first_at
+    """
+
+
+def recompute_first(table: str) -> str:
+    columns = ", ".join(FIRSTS[table])
+    return f"SELECT {columns}, min(scheduled_at) AS first_at FROM bookings GROUP BY {columns}"
+
+
+# -- whole tables ----------------------------------------------------------------------------------
+
+
+def recompute_sql(table: str) -> str:
+    """``table`` computed from ``bookings`` from scratch (rows in the table's column order)."""
+    if table in COUNTERS:
+        return recompute_counter(table)
+    if table in FIRSTS:
+        return recompute_first(table)
+    if table == "client_visit_days":
+        return RECOMPUTE_VISIT_DAYS
+    assert table == "client_visit_pairs", table
+    return RECOMPUTE_VISIT_PAIRS
+
+
+def stored_sql(table: str) -> str:
+    """What ``table`` holds, in the same columns as ``recompute_sql`` and without the rows
+    that mean nothing (a counter that went back to zero may stay)."""
+    if table in COUNTERS:
+        names = ", ".join(name for name, _ in COUNTERS[table])
+        nonzero = " OR ".join(f"{value} <> 0" for value in VALUES)
+        return f"SELECT {names}, {', '.join(VALUES)} FROM {table} WHERE {nonzero}"
+    if table in FIRSTS:
+        return f"SELECT {', '.join(FIRSTS[table])}, first_at FROM {table}"
+    if table == "client_visit_days":
+        return "SELECT client_id, day, bookings FROM client_visit_days"
+    # pairs that went back to zero stay, like counters
+    return "SELECT day, prev_day, clients FROM client_visit_pairs WHERE clients <> 0"
+
+
+def columns_of(table: str) -> str:
+    if table in COUNTERS:
+        return ", ".join([*(name for name, _ in COUNTERS[table]), *VALUES])
+    if table in FIRSTS:
+        return ", ".join([*FIRSTS[table], "first_at"])
+    if table == "client_visit_days":
+        return "client_id, day, bookings"
+    return "day, prev_day, clients"
