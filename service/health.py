@@ -39,6 +39,15 @@ async def readyz(resources: ResourcesDep) -> dict[str, Any] | Response:
     problem = schema_problem(revisions, resources.schema_heads)
     if problem is not None:
         return error_response(503, "schema_not_at_head", problem)
+    stream = resources.stream
+    if not stream.current:
+        # Reports would answer 503 derived_data_unavailable: not ready for them.
+        return error_response(
+            503,
+            "derived_data_unavailable",
+            f"the change stream is {stream.state}: {stream.reason}",
+            {"Retry-After": "5"},
+        )
     cache = resources.cache
     redis_state = "disabled"
     if cache.redis is not None:
@@ -54,4 +63,6 @@ async def readyz(resources: ResourcesDep) -> dict[str, Any] | Response:
         "redis": redis_state,
         "cache_circuit": "open" if cache.breaker.is_open else "closed",
         "invalidation_listener": "connected" if cache.listener_healthy else "disconnected",
+        "change_stream": str(stream.state),
+        "change_stream_consumer": stream.gauges.consumer,
     }

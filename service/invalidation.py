@@ -1,8 +1,9 @@
 """Data-driven invalidation: LISTEN for booking changes and drop the affected cache entries.
 
-The ``bookings`` triggers (migration 0002) send ``NOTIFY bookings_changed, '<salon ids>'``
-(or ``'*'``) after every statement that touches bookings, whoever wrote it. Each worker
-listens on its own connection. While that connection is down the cache is bypassed (the
+The change-stream consumer (``service.changes``) sends ``NOTIFY bookings_changed, '<salon
+ids>'`` (or ``'*'``) in the transaction that folds a batch of changes to bookings, services,
+professionals or salons, whoever wrote them: delivered once the derived data reflects them.
+Each worker listens on its own connection. While that connection is down the cache is bypassed (the
 notifications it misses would leave stale entries behind); after reconnecting, everything
 cached is treated as possibly stale and cleared before the cache is used again.
 """
@@ -19,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.cache import ReportCache, scope_tag
+from service.changes.consumer import wait_applied
 
 logger = logging.getLogger("service.invalidation")
 
@@ -170,11 +172,14 @@ class InvalidationListener:
             loop.remove_reader(fd)
 
     async def settle(self, timeout: float = 5.0) -> None:
-        """Wait until every notification sent before this call has been applied.
+        """Wait until every write committed before this call has been folded by the change
+        stream and its notification handled here.
 
-        Sends a marker down the same channel; notifications arrive in order, so once the
-        marker is seen, everything before it was handled. (Tests use it before counting.)
+        The stream's consumer notifies when it commits a batch; then a marker goes down the
+        same channel: notifications arrive in order, so once the marker is seen, everything
+        before it was handled. (Tests use it before counting.)
         """
+        await wait_applied(self.dsn, timeout=max(timeout, 30.0))
         marker = f"settle:{uuid.uuid4().hex}"
         seen = asyncio.Event()
         self._markers[marker] = seen

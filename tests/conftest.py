@@ -8,7 +8,10 @@ database and Redis database number, never the demo data of `make run`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
+import threading
+import time
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from service.auth import issue_token
+from service.changes.consumer import ChangeConsumer, wait_applied
 from service.config import Settings
 from service.db import libpq_url, migrate, with_database
 from service.deps import Resources
@@ -55,9 +59,31 @@ def admin_dsn(base_settings: Settings) -> str:
     return libpq_url(with_database(base_settings.database_url, "postgres"))
 
 
-def create_database(admin_dsn: str, name: str) -> None:
+def drop_database(admin_dsn: str, name: str) -> None:
+    """Drop a database and the change stream's replication slot in it (a slot keeps its
+    database from being dropped)."""
     with psycopg.connect(admin_dsn, autocommit=True) as connection:
+        for _ in range(100):
+            row = connection.execute(
+                "SELECT count(*) FILTER (WHERE active_pid IS NOT NULL),"
+                " count(pg_terminate_backend(active_pid)) FROM pg_replication_slots"
+                " WHERE database = %s",
+                (name,),
+            ).fetchone()
+            if row is None or row[0] == 0:
+                break
+            time.sleep(0.05)
+        connection.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+            " WHERE database = %s",
+            (name,),
+        )
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def create_database(admin_dsn: str, name: str) -> None:
+    drop_database(admin_dsn, name)
+    with psycopg.connect(admin_dsn, autocommit=True) as connection:
         connection.execute(f'CREATE DATABASE "{name}"')
 
 
@@ -72,9 +98,46 @@ def database_url(base_settings: Settings, admin_dsn: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def dsn(database_url: str) -> str:
-    """libpq DSN of the test database, for psycopg."""
-    return libpq_url(database_url)
+def dsn(database_url: str) -> Iterator[str]:
+    """libpq DSN of the test database, for psycopg; its change stream is folded by a consumer
+    on a background thread for the whole session (see ``BackgroundConsumer``)."""
+    dsn = libpq_url(database_url)
+    with BackgroundConsumer(dsn):
+        yield dsn
+
+
+class BackgroundConsumer:
+    """A ``ChangeConsumer`` on its own thread and event loop.
+
+    It wins the election on the test database, so ``wait_applied`` (and ``settled``) only wait
+    for it; the apps that tests start run their own consumer too, which waits for the lock as a
+    second worker would.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        self.consumer = ChangeConsumer(dsn, election_interval=0.2)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="test-consumer", daemon=True)
+
+    def _run(self) -> None:
+        self.loop.run_until_complete(self.consumer.run())
+
+    def __enter__(self) -> BackgroundConsumer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.consumer._stopping.set)
+        self.thread.join(timeout=10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+def settle_stream(dsn: str) -> None:
+    """Block until the derived tables reflect every write committed so far (sync code, even
+    inside a running event loop: the wait runs on a thread of its own)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, wait_applied(dsn)).result()
 
 
 @pytest.fixture
@@ -185,9 +248,14 @@ class RunningApi:
 
     async def __aenter__(self) -> Api:
         self.app.state.resources = await start_resources(self.settings, self.telemetry)
-        listener = self.app.state.resources.listener
+        resources = self.app.state.resources
+        listener = resources.listener
         if listener is not None:
             await asyncio.wait_for(listener.connected.wait(), 10)
+        # Reports answer 503 until the stream is current (a fresh database is initialised by
+        # the first consumer).
+        await wait_applied(libpq_url(self.settings.database_url))
+        await resources.stream_monitor.poll()
         self.http = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False),
             base_url="http://testserver",

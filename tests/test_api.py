@@ -9,7 +9,7 @@ import jwt
 import psycopg
 import pytest
 
-from tests.conftest import Api
+from tests.conftest import Api, settle_stream
 from tests.factories import small_dataset
 
 PREFIX = "/api/v1/optimized-reports"
@@ -17,8 +17,10 @@ REPORTS = ("dashboard", "bookings", "professionals", "realtime")
 
 
 @pytest.fixture
-def data(db: psycopg.Connection) -> dict[str, int]:
-    return small_dataset(db)
+def data(db: psycopg.Connection, clean_db: str) -> dict[str, int]:
+    dataset = small_dataset(db)
+    settle_stream(clean_db)  # the derived tables (first bookings, rollups) follow
+    return dataset
 
 
 def assert_error(response: object, status: int, code: str | None = None) -> None:

@@ -7,7 +7,9 @@ import pytest
 
 from service.config import Settings
 from service.db import downgrade, libpq_url, migrate, with_database
-from tests.conftest import create_database
+from service.seed import seed_database
+from tests.conftest import create_database, settle_stream
+from tests.reports.test_rollups import assert_rollups_exact
 
 NAMED_INDEXES = {
     "idx_bookings_scheduled_at_status",
@@ -57,6 +59,11 @@ def test_upgrade_creates_everything_and_downgrade_removes_it(scratch_url: str) -
     tables, indexes, triggers = _schema(dsn)
     assert tables >= TABLES
     assert indexes >= NAMED_INDEXES
+    # The writers' path carries nothing of ours: the change stream maintains the derived data.
+    assert not {t for t in triggers if t.startswith("bookings_")}, triggers
+
+    downgrade(scratch_url, "0004")
+    _, _, triggers = _schema(dsn)
     assert {
         "bookings_notify_insert",
         "bookings_notify_update",
@@ -78,3 +85,29 @@ def test_upgrade_creates_everything_and_downgrade_removes_it(scratch_url: str) -
     tables, indexes, _ = _schema(dsn)
     assert tables >= TABLES
     assert indexes >= NAMED_INDEXES
+
+
+def test_downgrading_the_change_stream_keeps_the_derived_tables_exact(scratch_url: str) -> None:
+    """0005 -> 0004 while the stream is behind: the triggers come back, the slot goes, and
+    every derived table is recomputed; upgrading again leaves them exact as well."""
+    dsn = libpq_url(scratch_url)
+    migrate(scratch_url)
+    seed_database(scratch_url, bookings=2_000, salons=3, days=40, seed=9)
+    settle_stream(dsn)  # the stream exists and is current
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        # folded by nobody before the downgrade: no consumer runs on this database now
+        connection.execute("UPDATE bookings SET scheduled_at = scheduled_at + interval '2 days'")
+    downgrade(scratch_url, "0004")
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        assert connection.execute(
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()"
+        ).fetchone() == (0,)
+        assert_rollups_exact(connection)
+        connection.execute("DELETE FROM bookings WHERE id % 4 = 0")  # the triggers again
+        assert_rollups_exact(connection)
+    migrate(scratch_url)
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        assert_rollups_exact(connection)
+        connection.execute("UPDATE bookings SET status = 'completed' WHERE id % 3 = 0")
+        settle_stream(dsn)
+        assert_rollups_exact(connection)

@@ -22,7 +22,7 @@ def reports(database_url: str, dsn: str) -> Iterator[Reports]:
     sql_engine = async_engine(database_url, pool_size=2)
     try:
         with psycopg.connect(dsn, autocommit=True) as connection:
-            yield Reports(connection, engine, runner, sql_engine)
+            yield Reports(connection, engine, runner, sql_engine, dsn)
     finally:
         runner.run(sql_engine.dispose())
         runner.close()

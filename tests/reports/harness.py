@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
+from service.changes.consumer import wait_applied
 from service.reports import queries
 from service.reports.params import Period, Scope
 from tests.reports.strategies import Dataset, load
@@ -26,9 +27,15 @@ class Reports:
     engine: Engine
     runner: asyncio.Runner
     sql_engine: AsyncEngine
+    dsn: str
 
     def load(self, dataset: Dataset) -> None:
         load(self.connection, dataset)
+        self.settle()
+
+    def settle(self) -> None:
+        """Wait until the change stream has folded every write committed so far."""
+        self.runner.run(wait_applied(self.dsn))
 
     def naive(self, report: Callable[..., Any], *args: Any) -> Any:
         with Session(self.engine) as session:

@@ -25,7 +25,7 @@ from sqlalchemy import text
 
 from service.config import Settings
 from telemetry.setup import configure
-from tests.conftest import Api, RunningApi, app_settings
+from tests.conftest import Api, RunningApi, app_settings, settle_stream
 from tests.factories import (
     add_booking,
     add_professional,
@@ -40,8 +40,10 @@ DASHBOARD_ROUTE = f"GET {PREFIX}/dashboard"
 
 
 @pytest.fixture
-def data(db: psycopg.Connection) -> dict[str, int]:
-    return small_dataset(db)
+def data(db: psycopg.Connection, clean_db: str) -> dict[str, int]:
+    dataset = small_dataset(db)
+    settle_stream(clean_db)  # the derived tables (first bookings, rollups) follow
+    return dataset
 
 
 def by_id(spans: tuple[ReadableSpan, ...]) -> dict[int, ReadableSpan]:
