@@ -14,7 +14,14 @@ import pytest
 
 from service.config import Settings
 from service.db import libpq_url, migrate, with_database
-from tests.conftest import RunningApi, _worker_suffix, app_settings, create_database
+from tests.conftest import (
+    RunningApi,
+    _worker_suffix,
+    app_settings,
+    create_database,
+    drop_database,
+    settle_stream,
+)
 
 
 def _salon_with_bookings(dsn: str, bookings: int) -> None:
@@ -43,8 +50,7 @@ def replica_url(base_settings: Settings, admin_dsn: str) -> Iterator[str]:
     url = with_database(base_settings.database_url, name)
     migrate(url)
     yield url
-    with psycopg.connect(admin_dsn, autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    drop_database(admin_dsn, name)
 
 
 async def test_reports_read_from_the_replica_and_the_rest_from_the_primary(
@@ -52,6 +58,8 @@ async def test_reports_read_from_the_replica_and_the_rest_from_the_primary(
 ) -> None:
     _salon_with_bookings(clean_db, bookings=2)
     _salon_with_bookings(libpq_url(replica_url), bookings=5)
+    # A real replica replays the primary's derived rows; this stand-in folds its own stream.
+    settle_stream(libpq_url(replica_url))
     settings = app_settings(base_settings, database_url, redis_url, read_database_url=replica_url)
     async with RunningApi(settings) as api:
         for salon_id in (1, None):  # one salon, and platform-wide (the rollups)

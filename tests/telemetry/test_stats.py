@@ -148,6 +148,7 @@ def test_response_shape(clock: FakeClock) -> None:
         "memory",
         "recent_slow_queries",
         "n_plus_one",
+        "freshness",
         "alerts",
     } <= set(response)
     assert (response["workers"], response["partial"]) == (1, False)
@@ -166,6 +167,7 @@ def test_response_shape(clock: FakeClock) -> None:
         "cache_hit_rate",
         "pool_exhaustion",
         "memory",
+        "freshness",
     ]
     for entry in response["alerts"]:
         assert {"name", "breached", "value", "threshold"} <= set(entry)
@@ -690,3 +692,72 @@ def test_concurrent_recording_loses_nothing(tick: float, window_seconds: float) 
     assert (cache["misses"], cache["hits"]) == (total // 4, total - total // 4)
     query = response["queries"]["report.dashboard"]
     assert (query["calls"], query["rows"]) == (total, 3 * total)
+
+
+# -- freshness of the derived data (the change stream) ---------------------------------------
+
+STREAM_CURRENT = {
+    "state": "current",
+    "reason": None,
+    "backlog_bytes": 100,
+    "retained_wal_bytes": 4096,
+    "consumer": True,
+}
+
+
+def _freshness_alert(response: dict[str, Any]) -> dict[str, Any]:
+    return next(entry for entry in response["alerts"] if entry["name"] == "freshness")
+
+
+def test_freshness_lags_add_up_across_workers_and_the_worst_stream_state_counts(
+    clock: FakeClock,
+) -> None:
+    one, two = aggregator(clock, worker_id="a"), aggregator(clock, worker_id="b")
+    for lag in (0.1, 0.2, 0.3):
+        one.record_freshness(lag)
+    two.record_freshness(4.0)
+    lost = {**STREAM_CURRENT, "state": "lost", "reason": "slot gone", "consumer": False}
+    response = render(
+        merge_snapshots(
+            [one.snapshot(change_stream=STREAM_CURRENT), two.snapshot(change_stream=lost)]
+        ),
+        one.thresholds,
+    )
+    freshness = response["freshness"]
+    assert freshness["since_start"]["applied"] == 4
+    assert freshness["last_5m"]["max_s"] == pytest.approx(4.0, rel=0.01)
+    assert freshness["since_start"]["p50_s"] == pytest.approx(0.2, rel=0.01)
+    assert freshness["change_stream"]["state"] == "lost"
+    assert freshness["change_stream"]["consumers"] == 1
+    alert = _freshness_alert(response)
+    assert alert["breached"]
+    assert "slot gone" in alert["detail"]
+
+
+@pytest.mark.parametrize(
+    ("lags", "retained", "breached"),
+    [
+        ([1.0] * 99 + [5.0], 1024**3, False),  # p99 at the threshold, retention at it
+        ([1.0] * 98 + [5.2] * 2, 1024**3, True),  # p99 above 5 s
+        ([0.1] * 10, 1024**3 + 1, True),  # the slot keeps more than 1 GiB
+    ],
+)
+def test_the_freshness_alert_flips_at_its_thresholds(
+    clock: FakeClock, lags: list[float], retained: int, breached: bool
+) -> None:
+    stats = aggregator(clock)
+    for lag in lags:
+        stats.record_freshness(lag)
+    stream = {**STREAM_CURRENT, "retained_wal_bytes": retained}
+    assert _freshness_alert(body(stats, change_stream=stream))["breached"] is breached
+
+
+def test_freshness_leaves_the_window_after_five_minutes(clock: FakeClock) -> None:
+    stats = aggregator(clock)
+    stats.record_freshness(9.0)
+    assert _freshness_alert(body(stats, change_stream=STREAM_CURRENT))["breached"]
+    clock.now += 301
+    response = body(stats, change_stream=STREAM_CURRENT)
+    assert response["freshness"]["last_5m"]["applied"] == 0
+    assert response["freshness"]["since_start"]["applied"] == 1
+    assert not _freshness_alert(response)["breached"]
