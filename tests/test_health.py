@@ -14,11 +14,14 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 
 from service.config import Settings
 from service.db import MIGRATIONS_DIR, libpq_url, with_database
+from service.main import create_app, start_resources, stop_resources
 from service.schema_version import expected_revisions, schema_problem
-from tests.conftest import Api, RunningApi, app_settings, create_database
+from telemetry.setup import configure
+from tests.conftest import Api, app_settings, create_database
 from tests.support import free_port
 
 SALON_REPORTS = Path(sys.executable).parent / "salon-reports"
@@ -73,12 +76,26 @@ def empty_database(base_settings: Settings, admin_dsn: str) -> Iterator[str]:
 @pytest.fixture
 async def unmigrated_api(
     base_settings: Settings, empty_database: str, redis_url: str
-) -> AsyncIterator[Api]:
-    async with RunningApi(app_settings(base_settings, empty_database, redis_url)) as running:
-        yield running
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app on that database, its resources started (``RunningApi`` would wait for the
+    change stream, which needs the schema)."""
+    settings = app_settings(base_settings, empty_database, redis_url)
+    telemetry = configure(
+        version="test", environment="test", slow_query_ms=500.0, tracer_provider=TracerProvider()
+    )
+    app = create_app(settings, telemetry)
+    app.state.resources = await start_resources(settings, telemetry)
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+        ) as http:
+            yield http
+    finally:
+        await stop_resources(app.state.resources)
+        telemetry.shutdown()
 
 
-async def test_not_ready_on_a_database_never_migrated(unmigrated_api: Api) -> None:
+async def test_not_ready_on_a_database_never_migrated(unmigrated_api: httpx.AsyncClient) -> None:
     response = await unmigrated_api.get("/readyz")
     assert response.status_code == 503, response.text
     assert response.headers["content-type"] == "application/json"
@@ -88,7 +105,9 @@ async def test_not_ready_on_a_database_never_migrated(unmigrated_api: Api) -> No
     assert (await unmigrated_api.get("/healthz")).status_code == 200  # alive all the same
 
 
-async def test_not_ready_on_an_older_schema(unmigrated_api: Api, empty_database: str) -> None:
+async def test_not_ready_on_an_older_schema(
+    unmigrated_api: httpx.AsyncClient, empty_database: str
+) -> None:
     with psycopg.connect(libpq_url(empty_database), autocommit=True) as connection:
         connection.execute("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)")
         connection.execute("INSERT INTO alembic_version VALUES ('0001')")

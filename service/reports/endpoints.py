@@ -11,7 +11,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.responses import Response
 
 from service.auth import Principal
@@ -40,8 +40,16 @@ from service.reports.schemas import (
 from service.reports.service import ReportService, decode_cursor
 
 PREFIX = "/api/v1/optimized-reports"
-MAX_ID = 2**63 - 1
-ISO_DATE = r"^\d{4}-\d{2}-\d{2}$"
+MAX_ID = 2**63 - 1  # ids are PostgreSQL bigints
+# In a JSON body an integer beyond 2**53 is not interoperable (RFC 8259 section 6): parsers,
+# FastAPI's OpenAPI models included, read it as a float, and 2**63 - 1 becomes 2**63.
+MAX_JSON_ID = 2**53 - 1
+# A day from EARLIEST_DATE (1900-01-01) to LATEST_DATE (9998-12-31), spelt YYYY-MM-DD in ASCII
+# digits; the calendar itself (no February 30) is the `date` format's part.
+DATE_PATTERN = (
+    r"^(19[0-9]{2}|[2-8][0-9]{3}|9[0-8][0-9]{2}|99[0-8][0-9]|999[0-8])"
+    r"-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$"
+)
 MAX_CLEAR_BODY_BYTES = 4096
 INTEGER_PARAMETERS = frozenset({"salon_id", "professional_id", "service_id", "limit"})
 PLAIN_DECIMAL = re.compile(r"[0-9]+")
@@ -69,12 +77,20 @@ class SalonQuery(_Query):
     )
 
 
-class PeriodQuery(SalonQuery):
-    start: str | None = Field(
-        None, pattern=ISO_DATE, description="First day, inclusive (YYYY-MM-DD, salon-local)."
+def _day(description: str) -> Any:
+    return Field(
+        None, pattern=DATE_PATTERN, json_schema_extra={"format": "date"}, description=description
     )
-    end: str | None = Field(
-        None, pattern=ISO_DATE, description="Last day, inclusive (YYYY-MM-DD, salon-local)."
+
+
+class PeriodQuery(SalonQuery):
+    start: str | None = _day(
+        "First day, inclusive (YYYY-MM-DD, salon-local, 1900-01-01 to 9998-12-31). Not after "
+        "`end`, at most 366 days in all; alone, the period ends today (salon-local)."
+    )
+    end: str | None = _day(
+        "Last day, inclusive (YYYY-MM-DD, salon-local, 1900-01-01 to 9998-12-31); alone, the "
+        "period is the 30 days ending then (from 1900-01-01 at the earliest). Default: today."
     )
 
 
@@ -87,7 +103,11 @@ class BookingsQuery(PeriodQuery):
 
 class ProfessionalsQuery(PeriodQuery):
     limit: int = Field(50, ge=1, le=200)
-    cursor: str | None = Field(None, max_length=200)
+    cursor: str | None = Field(
+        None,
+        max_length=200,
+        description="Opaque: the `next_cursor` of the previous page (anything else is a 400).",
+    )
 
 
 Q = TypeVar("Q", bound=SalonQuery)
@@ -95,9 +115,17 @@ P = TypeVar("P", bound=PeriodQuery)
 
 
 def _documented(model: type[_Query]) -> dict[str, Any]:
-    """OpenAPI for a report operation: its query parameters and the bearer scheme."""
+    """OpenAPI for a report operation: its query parameters and the bearer scheme.
+
+    An optional parameter is omitted, never null (a query string cannot say null): the schema
+    is the non-null branch alone.
+    """
     parameters = []
     for name, schema in model.model_json_schema()["properties"].items():
+        branches = schema.pop("anyOf", None)
+        if branches is not None:
+            [value] = [branch for branch in branches if branch.get("type") != "null"]
+            schema = {**value, **schema}
         description = schema.pop("description", None)
         parameter: dict[str, Any] = {"name": name, "in": "query", "required": False}
         if description:
@@ -140,7 +168,7 @@ def parse_period(start: str | None, end: str | None, today: date) -> Period:
     if start is not None:
         start_day = _check_range(_parse_date(start, "start"), "start")
     elif end is not None:
-        start_day = _check_range(end_day - timedelta(days=default.days - 1), "start")
+        start_day = max(end_day - timedelta(days=default.days - 1), EARLIEST_DATE)
     else:
         start_day = default.start
     if start_day > end_day:
@@ -319,7 +347,17 @@ class CacheClearRequest(BaseModel):
     report: Literal["dashboard", "bookings", "professionals"] | None = Field(
         None, description="Only this report; omit for all."
     )
-    salon_id: int | None = Field(None, ge=1, le=MAX_ID, description="Only this salon.")
+    salon_id: int | None = Field(
+        None, ge=1, le=MAX_JSON_ID, description="Only this salon (at most 2^53 - 1: JSON numbers)."
+    )
+
+    @field_validator("salon_id", mode="before")
+    @classmethod
+    def _integral_number(cls, value: Any) -> Any:
+        """7.0 is the JSON number 7 (and a JSON Schema integer); 7.5, `true` and "7" are not."""
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
 
 
 class CacheClearResponse(BaseModel):

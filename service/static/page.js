@@ -19,6 +19,7 @@
   const ALERT_MS = 500; // SPEC §10: the query-time alert
   const HIT_RATE_LINE = 0.7; // SPEC §10: the cache hit-rate alert
   const MEMORY_LINE = 0.8; // SPEC §10: the memory alert
+  const FRESHNESS_LINE = 5; // seconds: the freshness alert (telemetry/README.md)
   const HISTORY_LIMIT = 720; // an hour of samples at the default refresh
   const TABLE_ROWS = 15;
   const SVG_NS = "http://www.w3.org/2000/svg";
@@ -60,6 +61,15 @@
     "memory.hosts[].host",
     "memory.hosts[].rss_bytes",
     "memory.hosts[].limit_bytes",
+    "freshness.last_5m.applied",
+    "freshness.last_5m.p50_s",
+    "freshness.last_5m.p99_s",
+    "freshness.last_5m.max_s",
+    "freshness.change_stream.state",
+    "freshness.change_stream.reason",
+    "freshness.change_stream.backlog_bytes",
+    "freshness.change_stream.retained_wal_bytes",
+    "freshness.change_stream.consumers",
     "recent_slow_queries[].timestamp",
     "recent_slow_queries[].name",
     "recent_slow_queries[].duration_ms",
@@ -451,6 +461,27 @@
     container.replaceChildren(chart, total);
   }
 
+  function seconds(value) {
+    return value === null || value === undefined ? "–" : `${value < 10 ? value.toFixed(2) : value.toFixed(0)} s`;
+  }
+
+  function drawFreshness(stats) {
+    const container = document.getElementById("chart-freshness");
+    const lags = stats.freshness.last_5m;
+    const stream = stats.freshness.change_stream;
+    const chart = canvas(480, 54, "commit to applied lag, p99 against the alert line");
+    chart.classList.add("freshness");
+    const p99 = lags.p99_s ?? 0;
+    gauge(chart, 4, "lag p99", p99, FRESHNESS_LINE * 2,
+      `p50 ${seconds(lags.p50_s)} · p99 ${seconds(lags.p99_s)} · max ${seconds(lags.max_s)} · ${lags.applied} writes in 5 min`,
+      p99 > FRESHNESS_LINE, 0.5);
+    const state = stream
+      ? `stream ${stream.state}${stream.reason ? ` (${stream.reason})` : ""} · ${stream.consumers} consumer${stream.consumers === 1 ? "" : "s"} · backlog ${mib(stream.backlog_bytes)} · slot keeps ${mib(stream.retained_wal_bytes)} of WAL`
+      : "no change stream reported";
+    const legend = el("p", { class: stream && stream.state !== "current" ? "legend warning" : "legend" }, state);
+    container.replaceChildren(chart, legend);
+  }
+
   // -- tables and the banner ----------------------------------------------------------------
 
   const jaegerUrl = (() => {
@@ -525,6 +556,8 @@
         return `Connection pool exhausted: ${alert.detail}`;
       case "memory":
         return `Memory at ${pct(alert.value)} of its limit, over ${pct(alert.threshold)}`;
+      case "freshness":
+        return `Reports are behind their writes: ${alert.detail}`;
       default:
         return `${alert.name} breached${alert.detail ? `: ${alert.detail}` : ""}`;
     }
@@ -581,6 +614,7 @@
     drawCache(stats);
     drawPool(stats);
     drawMemory(stats);
+    drawFreshness(stats);
     drawTables(stats);
     const workers = `${stats.workers} worker${stats.workers === 1 ? "" : "s"}`;
     status.textContent = `${workers}${stats.partial ? " (partial: some workers could not be read)" : ""} · stats of ${clock(stats.taken_at)} · every ${refreshSeconds} s`;

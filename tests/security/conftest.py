@@ -7,6 +7,7 @@ it is what a client on the network reaches. ``LiveServer`` runs the app exactly 
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ import pytest
 import redis
 import uvicorn
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.id_generator import IdGenerator
 
 from service.auth import Role, issue_token
 from service.config import Settings
@@ -92,6 +94,24 @@ def _seed(dsn: str) -> dict[str, int]:
         return small_dataset(connection)
 
 
+class PrivateRandomIds(IdGenerator):
+    """Trace and span ids from a generator of its own.
+
+    The SDK's default draws them from the global ``random``, which hypothesis watches while it
+    generates a case: a span made by the server thread meanwhile (a request's, a background
+    task's) would read as the strategy using ``random``.
+    """
+
+    def __init__(self) -> None:
+        self._random = random.Random()
+
+    def generate_span_id(self) -> int:
+        return self._random.getrandbits(64) or self.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        return self._random.getrandbits(128) or self.generate_trace_id()
+
+
 def _wait_until_ready(url: str, thread: threading.Thread) -> None:
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
@@ -121,7 +141,7 @@ def live_server(
         version="test",
         environment="test",
         slow_query_ms=settings.slow_query_ms,
-        tracer_provider=TracerProvider(),
+        tracer_provider=TracerProvider(id_generator=PrivateRandomIds()),
         env={},
     )
     port = free_port()

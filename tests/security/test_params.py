@@ -22,6 +22,8 @@ Decisions the tests pin down:
 from __future__ import annotations
 
 import base64
+import re
+from datetime import date, timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -29,6 +31,8 @@ import httpx
 import orjson
 import pytest
 
+from service.reports.endpoints import DATE_PATTERN
+from service.reports.params import EARLIEST_DATE, LATEST_DATE
 from tests.security.conftest import PREFIX, REPORTS, LiveServer, assert_json_error, raw_request
 
 # The parameters of each report (besides salon_id, start and end where they apply).
@@ -200,7 +204,6 @@ BAD_PERIODS = {
     "last-representable-day": "start=9999-12-31&end=9999-12-31",
     "only-end-at-the-last-day": "end=9999-12-31",
     "only-end-near-year-one": "end=0001-01-05",
-    "only-end-whose-default-start-is-before-1900": "end=1900-01-05",
     "february-30": "start=2024-02-30&end=2024-03-01",
     "february-29-in-a-common-year": "start=2023-02-29&end=2023-03-01",
     "month-13": "start=2024-13-01",
@@ -263,6 +266,26 @@ def test_the_edges_of_the_calendar_are_served(
         for report in ("dashboard", "professionals"):
             response = client.get(_url(report, period), headers=_admin(live_server))
             assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("report", ["dashboard", "bookings", "professionals"])
+def test_end_alone_near_the_earliest_day_starts_on_it(
+    live_server: LiveServer, client: httpx.Client, report: str
+) -> None:
+    """The 30 days ending 1900-01-05 begin before the range: they start on 1900-01-01."""
+    query = f"salon_id={live_server.data['lisbon']}&end=1900-01-05"
+    response = client.get(_url(report, query), headers=_admin(live_server))
+    assert response.status_code == 200, response.text
+    assert response.json()["meta"]["start"] == "1900-01-01"
+
+
+def test_the_documented_date_pattern_is_the_accepted_range() -> None:
+    pattern = re.compile(DATE_PATTERN)
+    for day in (EARLIEST_DATE, LATEST_DATE, date(2024, 2, 29), date(8999, 12, 31)):
+        assert pattern.match(day.isoformat()), day
+    outside = (EARLIEST_DATE - timedelta(days=1), LATEST_DATE + timedelta(days=1))
+    for text in (*(day.isoformat() for day in outside), "2024-13-01", "2024-00-10", "0000-00-00"):
+        assert not pattern.match(text), text
 
 
 # -- repeated and unknown parameters --------------------------------------------------------
@@ -455,6 +478,13 @@ BAD_BODIES: dict[str, tuple[bytes, str | None, int, str]] = {
         422,
         "validation_error",
     ),
+    # Beyond 2**53 a JSON number is not exact in most parsers (RFC 8259 section 6).
+    "salon-id-2-to-the-53": (
+        b'{"salon_id": 9007199254740992}',
+        "application/json",
+        422,
+        "validation_error",
+    ),
     "salon-id-1e400": (b'{"salon_id": 1e400}', "application/json", 422, "validation_error"),
     "nested-depth-10000": (
         b"[" * 10_000 + b"]" * 10_000,
@@ -530,6 +560,8 @@ def test_a_bad_cache_clear_body_is_a_clear_client_error(
         (b"{}", "application/json"),
         (b'{"report": "dashboard"}', "application/json; charset=utf-8"),
         (b'{"report": null, "salon_id": null}', "APPLICATION/JSON"),
+        (b'{"salon_id": 7.0}', "application/json"),  # the JSON number 7
+        (b'{"salon_id": 9007199254740991}', "application/json"),  # 2**53 - 1
     ],
 )
 def test_good_cache_clear_bodies_are_accepted(

@@ -1,47 +1,49 @@
 """Property-based fuzzing of every operation in the app's own ``/openapi.json`` (schemathesis).
 
-Valid and invalid inputs, once as an admin and once with no token, against a real server with
-seeded data. Every response must come from a declared status code, with the declared content
-type and a body matching the declared schema; a 5xx fails the test outright.
+Every check schemathesis has (positive data acceptance and negative data rejection included:
+what the document allows is accepted, what it forbids is refused with a 4xx), valid and invalid
+inputs, as an admin, ops, an owner and with no token, against a real server with seeded data.
+Derandomized: the same examples every run.
+
+The document cannot state three rules that involve more than one value, so a valid generated
+request is made to follow them before it is sent (``_follow_the_documented_rules``):
+``start`` is not after ``end`` and a period spans at most 366 days (``start`` alone ends today);
+and a cursor is one the server issued (anything else is documented as a 400).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import base64
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
 from opentelemetry.sdk.trace import TracerProvider
 from schemathesis import Case
-from schemathesis.checks import (
-    content_type_conformance,
-    not_a_server_error,
-    response_schema_conformance,
-    status_code_conformance,
-)
+from schemathesis.checks import CHECKS, load_all_checks
 
 from service.config import Settings
 from service.main import create_app
+from service.reports.params import MAX_PERIOD_DAYS
 from telemetry.setup import configure
 from tests.security.conftest import LiveServer
 
-# Per operation and mode; seven operations, two principals: about 30 s in all.
-MAX_EXAMPLES = 40
-CHECKS: list[Callable[..., Any]] = [
-    not_a_server_error,
-    status_code_conformance,
-    content_type_conformance,
-    response_schema_conformance,
-]
+# Per operation, principal and mode (positive, negative), on top of the boundary cases of the
+# coverage phase: seven operations, four principals, about two minutes in all.
+MAX_EXAMPLES = 25
 FUZZ = settings(
     max_examples=MAX_EXAMPLES,
     deadline=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+PRINCIPALS = ("admin", "ops", "owner", "anonymous")
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +78,13 @@ OPENAPI = _published_schema()
 schema = schemathesis.openapi.from_dict(OPENAPI)
 
 
+def _authorization(live_server: LiveServer, principal: str) -> dict[str, str]:
+    if principal == "anonymous":
+        return {}
+    salons = [live_server.data["lisbon"]] if principal == "owner" else None
+    return {"Authorization": f"Bearer {live_server.token(principal, salons)}"}  # type: ignore[arg-type]
+
+
 def _seeded_salon(case: Case, live_server: LiveServer) -> None:
     """Point half the generated salon ids at a real salon, so reports carry data."""
     query = case.query
@@ -83,34 +92,74 @@ def _seeded_salon(case: Case, live_server: LiveServer) -> None:
         query["salon_id"] = live_server.data["lisbon"]
 
 
+def _day(value: Any) -> date | None:
+    try:
+        return date.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+def _follow_the_documented_rules(case: Case, live_server: LiveServer) -> None:
+    """Make a valid request follow the rules the parameters' descriptions state together."""
+    query = case.query
+    if case.meta is None or not case.meta.generation.mode.is_positive:
+        return
+    if not isinstance(query, dict):
+        return
+    start, end = _day(query.get("start")), _day(query.get("end"))
+    if start is not None and end is not None:
+        start, end = min(start, end), max(start, end)
+        end = min(end, start + timedelta(days=MAX_PERIOD_DAYS - 1))
+        query["start"], query["end"] = start.isoformat(), end.isoformat()
+    elif start is not None:
+        # Alone, the period ends today, in the salon's time zone: a day either side of UTC's.
+        today = datetime.now(UTC).date()
+        if not today - timedelta(days=MAX_PERIOD_DAYS - 2) <= start <= today - timedelta(days=1):
+            query["end"] = start.isoformat()
+    if "cursor" in query:
+        issued = orjson.dumps({"after": live_server.data["pro_lisbon"]})
+        query["cursor"] = base64.urlsafe_b64encode(issued).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("principal", PRINCIPALS)
 @schema.parametrize()
 @FUZZ
-def test_admin_gets_only_declared_responses(
-    case: Case, live_server: LiveServer, http_session: requests.Session
+def test_only_declared_and_consistent_responses(
+    case: Case, principal: str, live_server: LiveServer, http_session: requests.Session
 ) -> None:
     _seeded_salon(case, live_server)
-    case.call_and_validate(
-        base_url=live_server.url,
-        session=http_session,
-        headers={"Authorization": f"Bearer {live_server.token('admin')}"},
-        checks=CHECKS,
+    _follow_the_documented_rules(case, live_server)
+    headers = _authorization(live_server, principal)
+    if case.operation.schema.is_security_param_negated(case):
+        headers = {}  # the invalid request is one without (or with a broken) Authorization
+    if principal == "anonymous":
+        case.headers = {
+            name: value
+            for name, value in (case.headers or {}).items()
+            if name.lower() != "authorization"
+        }
+    # No `checks=`: every check schemathesis has (see test_every_check_runs).
+    response = case.call_and_validate(
+        base_url=live_server.url, session=http_session, headers=headers
     )
-
-
-@schema.parametrize()
-@FUZZ
-def test_anonymous_gets_only_declared_responses(
-    case: Case, live_server: LiveServer, http_session: requests.Session
-) -> None:
-    case.headers = {
-        name: value
-        for name, value in (case.headers or {}).items()
-        if name.lower() != "authorization"
-    }
-    response = case.call_and_validate(base_url=live_server.url, session=http_session, checks=CHECKS)
-    if case.path.startswith("/api/") and case.method == case.operation.method.upper():
+    if (
+        principal == "anonymous"
+        and case.path.startswith("/api/")
+        and case.method == case.operation.method.upper()
+    ):
         # Authentication comes first: nothing about the parameters leaks to a stranger.
         assert response.status_code == 401, response.text
+
+
+def test_every_check_runs() -> None:
+    """The fuzzing above runs every check schemathesis registers, none switched off."""
+    load_all_checks()
+    names = set(CHECKS.get_all_names())
+    assert {"positive_data_acceptance", "negative_data_rejection", "ignored_auth"} <= names
+    checks_config = schema.config.checks_config_for()
+    for name in names:
+        config = getattr(checks_config, name, None)
+        assert config is None or config.enabled, f"{name} is disabled"
 
 
 def test_the_fuzzed_schema_is_the_one_the_server_publishes(live_server: LiveServer) -> None:
