@@ -1,9 +1,10 @@
 """What the alert rules and the dashboards read is really in the service's ``/metrics``.
 
-A small workload runs on the real app (its lifespan, the test PostgreSQL, a private Redis):
-every report, a cache miss then a hit of each cached one, the uncached realtime report, a few
-4xx (no token, a forbidden scope, an unknown salon, a malformed date). Then the exposition at
-``GET /metrics`` must carry:
+A small workload runs on the real app (its lifespan, a PostgreSQL database of this module's
+own, a private Redis): every report, a cache miss then a hit of each cached one, the uncached
+realtime report, a few 4xx (no token, a forbidden scope, an unknown salon, a malformed date),
+then one booking written while the app's own change-stream consumer leads, so that the
+freshness lag histogram has a sample. Then the exposition at ``GET /metrics`` must carry:
 
 - every metric name that a rule or a dashboard reads (``dashboard_metric_names()``);
 - every series of the contract table in ``telemetry/README.md``, with exactly its labels
@@ -18,17 +19,23 @@ over HTTP.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.changes.consumer import wait_applied
 from service.config import Settings
-from tests.conftest import Api, RunningApi, app_settings
-from tests.factories import small_dataset
+from service.db import libpq_url, migrate, with_database
+from tests.conftest import TABLES, Api, RunningApi, app_settings
+from tests.factories import add_booking, small_dataset
 from tests.ops.promql import (
     PROMETHEUS_LABELS,
     analyse,
@@ -74,24 +81,109 @@ class Exposition:
         }
 
 
-@pytest.fixture
-async def exposition(
-    base_settings: Settings, database_url: str, db: psycopg.Connection
-) -> AsyncIterator[Exposition]:
-    """``/metrics`` after a small workload over every report.
+def _drop_database(admin_dsn: str, name: str) -> None:
+    """Drop a database and its replication slots (a slot keeps its database from being dropped)."""
+    with psycopg.connect(admin_dsn, autocommit=True) as connection:
+        connection.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+            " WHERE database = %s AND active_pid IS NOT NULL",
+            (name,),
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            row = connection.execute(
+                "SELECT count(*) FROM pg_replication_slots WHERE database = %s AND active",
+                (name,),
+            ).fetchone()
+            if row is None or row[0] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        connection.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+            " WHERE database = %s",
+            (name,),
+        )
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    The data is written before the app starts: a booking written while it runs invalidates
-    its salon's cache entries (asynchronously), which would turn an expected hit into a
-    miss. The Redis is a private one: no other test run can flush it under this one.
+
+@pytest.fixture(scope="module")
+def live_database_url(base_settings: Settings, admin_dsn: str) -> Iterator[str]:
+    """A database of this module's own, migrated to head.
+
+    Only the apps started here consume its change stream, so the app's own consumer is the
+    one that folds the booking the workload writes, and its worker records the lag (on the
+    shared test database another consumer may hold the election).
     """
-    ids = small_dataset(db)
-    with redis_process() as redis:
-        settings = app_settings(base_settings, database_url, redis.url)
-        async with RunningApi(settings) as api:
-            yield await _workload(api, ids)
+    name = f"salon_reports_test_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}_live_metrics"
+    _drop_database(admin_dsn, name)
+    with psycopg.connect(admin_dsn, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(base_settings.database_url, name)
+    migrate(url)
+    yield url
+    _drop_database(admin_dsn, name)
 
 
-async def _workload(api: Api, ids: dict[str, int]) -> Exposition:
+@pytest.fixture
+async def exposition(base_settings: Settings, live_database_url: str) -> AsyncIterator[Exposition]:
+    """``/metrics`` after a small workload over every report and one applied booking.
+
+    The dataset is written before the app starts: a booking written while it runs invalidates
+    its salon's cache entries (asynchronously), which would turn an expected hit into a
+    miss; the one booking written while it runs comes after every cache assertion. The Redis
+    is a private one: no other test run can flush it under this one.
+    """
+    dsn = libpq_url(live_database_url)
+    with psycopg.connect(dsn, autocommit=True) as db:
+        db.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+        ids = small_dataset(db)
+        with redis_process() as redis:
+            settings = app_settings(base_settings, live_database_url, redis.url)
+            async with RunningApi(settings) as api:
+                # A fresh database's stream is initialised by the first consumer; until the
+                # dataset is applied and the stream is current, reports answer 503.
+                await wait_applied(dsn, timeout=60)
+                await _until_current(api)
+                yield await _workload(api, ids, db)
+
+
+async def _until_current(api: Api, timeout: float = 30.0) -> None:
+    monitor = api.resources.stream_monitor
+    assert monitor is not None
+    deadline = time.monotonic() + timeout
+    while True:
+        await monitor.poll()
+        if api.resources.stream.current:
+            return
+        assert time.monotonic() < deadline, f"the change stream is {api.resources.stream.state}"
+        await asyncio.sleep(0.1)
+
+
+async def _apply_one_booking(api: Api, ids: dict[str, int], db: psycopg.Connection) -> None:
+    """Write a booking once this app's consumer leads, and wait until the app's worker has
+    recorded its commit -> applied lag (the histogram has no series before its first sample)."""
+    consumer = api.resources.consumer
+    assert consumer is not None
+    await asyncio.wait_for(consumer.leading.wait(), 30)
+    add_booking(
+        db,
+        salon_id=ids["lisbon"],
+        client_id=ids["alice"],
+        professional_id=ids["pro_lisbon"],
+        service_id=ids["cut"],
+        scheduled_at=datetime.now(UTC).replace(microsecond=0) - timedelta(days=1),
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        response = await api.get("/metrics")
+        assert response.status_code == 200
+        if "reports_freshness_lag_seconds_count" in Exposition.parse(response.text).names:
+            return
+        assert time.monotonic() < deadline, "the app's consumer recorded no freshness lag"
+        await asyncio.sleep(0.2)
+
+
+async def _workload(api: Api, ids: dict[str, int], db: psycopg.Connection) -> Exposition:
     admin = api.token("admin")
     owner = api.token("owner", salons=[ids["lisbon"]])
     for report in CACHED_REPORTS:
@@ -114,6 +206,8 @@ async def _workload(api: Api, ids: dict[str, int]) -> Exposition:
     ]
     for response, status in client_errors:
         assert response.status_code == status, response.text
+
+    await _apply_one_booking(api, ids, db)
 
     # Twice: a request is recorded when it ends, so the first scrape is in the second one.
     assert (await api.get("/metrics")).status_code == 200

@@ -308,6 +308,18 @@ def paging_database(admin_dsn: str, base_settings: Settings) -> Iterator[str]:
             connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def _apply_a_write(dsn: str, prom: PromStack) -> bool:
+    """Touch a booking (a change the stream carries) unless the lag is already scraped."""
+    if prom.query('reports_freshness_lag_seconds_count{job="salon-reports"}'):
+        return True
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute(
+            "UPDATE bookings SET price_cents = price_cents"
+            " WHERE id = (SELECT min(id) FROM bookings)"
+        )
+    return False
+
+
 def alertnames(webhook: WebhookReceiver) -> set[str]:
     return {alert["labels"]["alertname"] for alert in webhook.alerts()}
 
@@ -360,7 +372,10 @@ def test_a_slow_database_pages_and_resolves(paging_database: str) -> None:
             )
         except PromStackError as error:
             raise AssertionError(f"{error}\n{service.log_tail()}") from error
-        service.wait_ready()
+        service.wait_ready()  # ready once the change stream is current
+        # One write for the service's change-stream consumer to apply, so that its freshness
+        # lag histogram has a series to scrape (before the workload: it invalidates a salon).
+        assert wait_until(lambda: _apply_a_write(dsn, prom), 30, interval=1.0), "no lag scraped"
         token = issue_token(env["REPORTS_JWT_SECRET"], role="admin")
         workload = Workload(service.url, token)
         stack_of_things.callback(workload.stop)
