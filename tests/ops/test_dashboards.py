@@ -121,7 +121,8 @@ def test_dashboards_and_rules_read_only_contract_metrics() -> None:
 
 def test_dashboards_and_rules_use_only_contract_labels_and_values() -> None:
     terms = contract()
-    allowed = terms.labels | PROMETHEUS_LABELS
+    # `worker`: /metrics labels every series with the worker that recorded it (telemetry/README.md)
+    allowed = terms.labels | PROMETHEUS_LABELS | {"worker"}
     for where, expr in rule_expressions() + dashboard_expressions():
         analysis = analyse(expr)
         assert analysis.labels <= allowed, f"{where}: unknown labels {analysis.labels - allowed}"
@@ -161,6 +162,9 @@ def test_every_contract_metric_is_on_a_dashboard() -> None:
         "Connection pool: timeouts",
         "Memory vs limit",
         "Slow traces in Jaeger (≥ 500 ms)",
+        "Freshness lag p50/p99",
+        "Change stream backlog and retained WAL",
+        "Change stream state",
     ],
 )
 def test_required_panel_exists_with_data(title: str) -> None:
@@ -170,7 +174,12 @@ def test_required_panel_exists_with_data(title: str) -> None:
 
 @pytest.mark.parametrize(
     ("title", "threshold"),
-    [("Query time p95 by query", 0.5), ("Cache hit rate by report", 0.7)],
+    [
+        ("Query time p95 by query", 0.5),
+        ("Cache hit rate by report", 0.7),
+        ("Freshness lag p50/p99", 5),
+        ("Change stream backlog and retained WAL", 1024**3),
+    ],
 )
 def test_threshold_lines(title: str, threshold: float) -> None:
     defaults = panel(title)["fieldConfig"]["defaults"]
