@@ -32,6 +32,11 @@ REQUIRED_ALERTS = {
     "SalonReportsDbPoolTimeouts",
     "SalonReportsCacheHitRateLow",  # cache hit rate < 70 %
     "SalonReportsMemoryHigh",  # memory > 80 %
+    "SalonReportsFreshnessLagHigh",  # freshness lag (commit -> applied p99 > 5 s)
+    "SalonReportsChangeStreamStalled",  # a stuck consumer records no lag: backlog, nothing applied
+    "SalonReportsReplicationSlotWalRetention",  # slot WAL retention > 1 GiB
+    "SalonReportsChangeStreamLost",  # reports answer 503 until `rollups rebuild`
+    "SalonReportsNoChangeConsumer",
 }
 SEVERITIES = {"page", "warning"}
 
