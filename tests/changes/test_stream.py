@@ -338,3 +338,38 @@ async def test_a_refill_from_old_rollups_is_dropped_once_the_fold_commits(
     await api.resources.listener.settle()  # type: ignore[union-attr]
     fresh = await api.report("dashboard", **params)
     assert fresh.json()["bookings_total"] == 2, fresh.headers["x-cache"]
+
+
+async def test_one_worker_folds_and_another_takes_over_when_it_stops(
+    base_settings: Settings, private: tuple[str, str], redis_url: str
+) -> None:
+    """Two workers: exactly one holds the election; when it goes, the other folds."""
+    url, dsn = private
+    settings = app_settings(base_settings, url, redis_url)
+    workers = [RunningApi(settings), RunningApi(settings)]
+    apis = [await workers[0].__aenter__(), await workers[1].__aenter__()]
+    running = [True, True]
+    try:
+        consumers = [api.resources.consumer for api in apis]
+        assert all(consumer is not None for consumer in consumers)
+
+        async def one_leads() -> bool:
+            return sum(c.leading.is_set() for c in consumers) == 1  # type: ignore[union-attr]
+
+        await _until(one_leads)
+        await asyncio.sleep(1.5)  # both have tried the election again meanwhile
+        assert await one_leads()
+        leader = next(i for i, c in enumerate(consumers) if c.leading.is_set())  # type: ignore[union-attr]
+        other = 1 - leader
+        await workers[leader].__aexit__(None, None, None)  # the leading worker goes away
+        running[leader] = False
+        with Writer(dsn):
+            await asyncio.wait_for(consumers[other].leading.wait(), 10)  # type: ignore[union-attr]
+            await asyncio.sleep(0.5)
+        await apis[other].resources.listener.settle()  # type: ignore[union-attr]
+        assert consumers[other].batches > 0  # type: ignore[union-attr]
+        assert await verify(dsn, rounds=1) == []
+    finally:
+        for worker, up in zip(workers, running, strict=True):
+            if up:
+                await worker.__aexit__(None, None, None)
