@@ -105,37 +105,39 @@ def recompute_counter(table: str) -> str:
 # -- visit days and pairs ----------------------------------------------------------------------
 
 _PREV_DAY = "coalesce(lag(day) OVER (PARTITION BY client_id ORDER BY day), '-infinity')"
-# clients with a visit day whose count the batch changes
-_MOVED_CLIENTS = f"""
-    SELECT DISTINCT client_id FROM (
-        SELECT client_id, {UTC_DAY} AS day, sum(sign) AS delta FROM ({BOOKING_ROWS}) AS b
-        GROUP BY 1, 2
-    ) AS days WHERE delta <> 0
-"""
 
-
-def _shift_pairs(sign: int) -> str:
-    """Add (``sign`` = 1) or remove (-1) the visit pairs of the moved clients, as
-    ``client_visit_days`` holds them now."""
-    return f"""
-        INSERT INTO client_visit_pairs AS t (day, prev_day, clients)
-        SELECT day, prev_day, {sign} * count(*) FROM (
-            SELECT day, {_PREV_DAY} AS prev_day FROM client_visit_days
-            WHERE client_id IN (SELECT client_id FROM moved_clients)
-        ) AS pairs
-        GROUP BY day, prev_day
-        ORDER BY day, prev_day
-        ON CONFLICT (day, prev_day) DO UPDATE SET clients = t.clients + EXCLUDED.clients
-    """
-
-
-CREATE_MOVED_CLIENTS = (
-    "CREATE TEMP TABLE IF NOT EXISTS moved_clients (client_id bigint PRIMARY KEY)"
-    " ON COMMIT DELETE ROWS"
-)
+# The pairs change only where a client's set of visit days changes: the pairs of the moved
+# clients before (from client_visit_days) and after (the same plus the batch's deltas) are
+# compared, and only the difference is written; then the days themselves are updated.
 FOLD_VISITS = (
-    f"INSERT INTO moved_clients {_MOVED_CLIENTS}",
-    _shift_pairs(-1),
+    f"""
+    WITH delta AS (
+        SELECT client_id, {UTC_DAY} AS day, sum(sign)::int AS bookings
+        FROM ({BOOKING_ROWS}) AS b GROUP BY 1, 2 HAVING sum(sign) <> 0
+    ),
+    moved AS (SELECT DISTINCT client_id FROM delta),
+    before AS (
+        SELECT client_id, day, bookings FROM client_visit_days
+        WHERE client_id IN (SELECT client_id FROM moved)
+    ),
+    after AS (
+        SELECT client_id, day FROM (
+            SELECT client_id, day, sum(bookings) AS bookings
+            FROM (SELECT * FROM before UNION ALL SELECT * FROM delta) AS both_days
+            GROUP BY 1, 2
+        ) AS summed WHERE bookings > 0
+    ),
+    pairs AS (
+        SELECT day, {_PREV_DAY} AS prev_day, -1 AS sign FROM before
+        UNION ALL
+        SELECT day, {_PREV_DAY} AS prev_day, 1 AS sign FROM after
+    )
+    INSERT INTO client_visit_pairs AS t (day, prev_day, clients)
+    SELECT day, prev_day, sum(sign)::int FROM pairs
+    GROUP BY day, prev_day HAVING sum(sign) <> 0
+    ORDER BY day, prev_day
+    ON CONFLICT (day, prev_day) DO UPDATE SET clients = t.clients + EXCLUDED.clients
+    """,
     f"""
     INSERT INTO client_visit_days AS t (client_id, day, bookings)
     SELECT client_id, {UTC_DAY}, sum(sign) FROM ({BOOKING_ROWS}) AS b
@@ -143,9 +145,12 @@ FOLD_VISITS = (
     ORDER BY 1, 2
     ON CONFLICT (client_id, day) DO UPDATE SET bookings = t.bookings + EXCLUDED.bookings
     """,
-    "DELETE FROM client_visit_days WHERE bookings = 0"
-    " AND client_id IN (SELECT client_id FROM moved_clients)",
-    _shift_pairs(1),
+    f"""
+    DELETE FROM client_visit_days d USING (
+        SELECT DISTINCT client_id, {UTC_DAY} AS day FROM ({BOOKING_ROWS}) AS b
+    ) AS touched
+    WHERE d.client_id = touched.client_id AND d.day = touched.day AND d.bookings = 0
+    """,
 )
 
 RECOMPUTE_VISIT_DAYS = (
@@ -181,10 +186,11 @@ def fold_first(table: str) -> str:
         gone AS (
             DELETE FROM {table} f USING recomputed r WHERE {on_table} AND r.first_at IS NULL
         )
-        INSERT INTO {table} ({columns}, first_at)
+        INSERT INTO {table} AS t ({columns}, first_at)
         SELECT {columns}, first_at FROM recomputed WHERE first_at IS NOT NULL
         ORDER BY {columns}
         ON CONFLICT ({columns}) DO UPDATE SET first_at = EXCLUDED.first_at
+            WHERE t.first_at IS DISTINCT FROM EXCLUDED.first_at  -- most changes keep it
     """
 
 

@@ -303,7 +303,6 @@ class Folder:
     async def _prepare(self) -> None:
         if not self._prepared:
             await self.connection.execute(CREATE_BATCH)
-            await self.connection.execute(derived.CREATE_MOVED_CLIENTS)
             self._prepared = True
 
     async def check(self) -> Position:
