@@ -7,6 +7,10 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 DEMO_BOOKINGS ?= 200000
+# The write-path part of `make bench`: seconds per pgbench run and interleaved rounds
+# (e.g. `make bench BENCH_WRITES_SECONDS=3 BENCH_WRITES_ROUNDS=1` for a quick look).
+BENCH_WRITES_SECONDS ?= 8
+BENCH_WRITES_ROUNDS ?= 3
 
 .PHONY: run test services stop lint bench loadtest chaos install ops-tools browser-tools clean
 
@@ -46,8 +50,11 @@ lint: install
 	$(BIN)/ruff format --check service telemetry tests benchmarks migrations
 	$(BIN)/mypy
 
+# Report queries vs the naive baseline (benchmarks/queries.py), then booking writes with the
+# change stream vs a bare twin table under pgbench (benchmarks/writes.py).
 bench: install services
 	$(BIN)/python -m benchmarks.queries
+	$(BIN)/python -m benchmarks.writes --seconds $(BENCH_WRITES_SECONDS) --rounds $(BENCH_WRITES_ROUNDS)
 
 loadtest: install services
 	@scripts/load-tools.sh
