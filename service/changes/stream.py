@@ -13,7 +13,8 @@ replication protocol (``replication.py``). ``Folder.run`` is one streaming sessi
 2. ``START_REPLICATION`` from ``applied_lsn``: the server skips every commit that starts before
    it and sends the others in commit order, each transaction whole (B, its changes, C).
 3. Changes are gathered up to a transaction boundary (a batch closes when no message arrived
-   for ``quiet`` seconds or it holds ``max_rows`` rows), then, in one transaction under the
+   for ``quiet`` seconds, when its first change waited ``max_delay`` seconds, or when it holds
+   ``max_rows`` rows), then, in one transaction under the
    apply lock: copied into the temporary table ``stream_changes``, folded into the derived
    tables (``derived.py``), the salons they touched notified (NOTIFY is delivered at commit, so
    a cache refilled after the notification reads derived data that already reflects the
@@ -288,12 +289,14 @@ class Folder:
         dsn: str,
         *,
         quiet: float = 0.02,
+        max_delay: float = 0.1,
         max_rows: int = 50_000,
         idle_poll: float = 0.5,
     ) -> None:
         self.connection = connection
         self.dsn = dsn
         self.quiet = quiet
+        self.max_delay = max_delay
         self.max_rows = max_rows
         self.idle_poll = idle_poll
         self.applied = 0
@@ -381,7 +384,9 @@ class Folder:
                     batch.transactions += 1
                     pending = []
                 batch.end = lsn_bytes(change["nextlsn"])
-                if len(batch.rows) >= self.max_rows:
+                if len(batch.rows) >= self.max_rows or (
+                    batch.rows and time.monotonic() - batch.started >= self.max_delay
+                ):
                     await self._close(stream, batch, on_batch)
                     batch = Batch()
                 continue
