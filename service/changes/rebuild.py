@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,8 +53,16 @@ async def drop_slot(connection: psycopg.AsyncConnection[Any], name: str) -> None
     )
 
 
-async def rebuild_on(connection: psycopg.AsyncConnection[Any]) -> Rebuilt:
-    """Rebuild on an autocommit connection (see the module docstring)."""
+async def rebuild_on(
+    connection: psycopg.AsyncConnection[Any],
+    *,
+    slot_created: Callable[[], Awaitable[None]] | None = None,
+) -> Rebuilt:
+    """Rebuild on an autocommit connection (see the module docstring).
+
+    ``slot_created`` runs between the slot's creation and the snapshot: the window in which a
+    commit reaches both the snapshot and the new slot (tests use it to put one there).
+    """
     started = time.perf_counter()
     async with ApplyLock(connection):
         row = await (await connection.execute("SELECT current_database()")).fetchone()
@@ -71,6 +80,8 @@ async def rebuild_on(connection: psycopg.AsyncConnection[Any]) -> Rebuilt:
         ).fetchone()
         assert row is not None
         slot_lsn = row[0]
+        if slot_created is not None:
+            await slot_created()
         rows: dict[str, int] = {}
         saved = connection.isolation_level
         await connection.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)

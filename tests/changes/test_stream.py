@@ -30,7 +30,7 @@ import psycopg
 import pytest
 
 from service.changes.consumer import wait_applied
-from service.changes.rebuild import rebuild
+from service.changes.rebuild import rebuild, rebuild_on
 from service.changes.stream import APPLY_LOCK, Position, State
 from service.changes.verify import verify
 from service.config import Settings
@@ -373,3 +373,37 @@ async def test_one_worker_folds_and_another_takes_over_when_it_stops(
         for worker, up in zip(workers, running, strict=True):
             if up:
                 await worker.__aexit__(None, None, None)
+
+
+async def test_a_rebuild_counts_each_concurrent_write_once(private: tuple[str, str]) -> None:
+    """The rebuild's handoff, with its two interleavings forced by the hook: a write committed
+    after the new slot exists but before the snapshot is in both (the stream must skip it), and
+    a write still open at the snapshot is in neither until it commits (the stream must fold it).
+    Without the skip the first one would count twice."""
+    _, dsn = private
+    await wait_applied(dsn)
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as both,
+        await psycopg.AsyncConnection.connect(dsn) as open_at_snapshot,
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as rebuilder,
+    ):
+        copy_one = (
+            "INSERT INTO bookings (salon_id, client_id, professional_id, service_id,"
+            " scheduled_at, status, price_cents) SELECT salon_id, client_id, professional_id,"
+            " service_id, scheduled_at + interval '3 days', 'completed', 1234"
+            " FROM bookings WHERE id = %s"
+        )
+
+        async def in_the_window() -> None:
+            await both.execute(copy_one, (10,))  # committed: seen by the snapshot and the slot
+            await open_at_snapshot.execute(copy_one, (20,))  # not committed yet
+
+        await rebuild_on(rebuilder, slot_created=in_the_window)
+        await open_at_snapshot.commit()
+    await wait_applied(dsn)
+    assert await verify(dsn, rounds=1) == []
+    with psycopg.connect(dsn) as connection:
+        row = connection.execute(
+            "SELECT count(*) FROM bookings WHERE price_cents = 1234"
+        ).fetchone()
+    assert row == (2,)
