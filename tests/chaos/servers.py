@@ -100,6 +100,8 @@ class PostgresCluster:
         options = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.base} -c fsync=off "
             "-c synchronous_commit=off -c full_page_writes=off -c max_connections=100"
+            # the change stream: logical decoding through a replication slot (wal2json)
+            " -c wal_level=logical -c max_replication_slots=8 -c max_wal_senders=8"
         )
         self._run(
             str(POSTGRES_BIN / "pg_ctl"),
