@@ -55,8 +55,9 @@ meaningful next to it. The lag and the drain depend on ``--seconds`` whenever th
 falls behind.
 
 The tables grow during the run (both mixes insert), by about the same amount on both sides;
-their sizes at the end are in the results. Results: a table, the verdicts on the targets, and
-JSON in ``benchmarks/results/writes-*.json``.
+their sizes at the end are in the results. At the end the slot is dropped (an idle slot would
+retain WAL); the database stays, for a look, until the next run replaces it. Results: a table,
+the verdicts on the targets, and JSON in ``benchmarks/results/writes-*.json``.
 
     python -m benchmarks.writes [--seconds 8] [--rounds 3] [--writers 1,8]
     python -m benchmarks.writes --markdown      # README tables from the latest results
@@ -211,18 +212,28 @@ def pgbench_path() -> str:
     return found
 
 
+def _drop_slots(admin: psycopg.Connection[Any]) -> None:
+    rows = admin.execute(
+        "SELECT slot_name, active_pid FROM pg_replication_slots WHERE database = %s",
+        (WRITES_DATABASE,),
+    ).fetchall()
+    for slot, pid in rows:
+        if pid is not None:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            time.sleep(0.5)
+        admin.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+
+
+def drop_slots(server_url: str) -> None:
+    """Drop the benchmark database's slot: left idle, it would retain WAL on the server."""
+    with psycopg.connect(libpq_url(server_url), autocommit=True) as admin:
+        _drop_slots(admin)
+
+
 def recreate_database(server_url: str) -> None:
     """Drop the benchmark database (and its slot, which would block the drop), create it."""
     with psycopg.connect(libpq_url(server_url), autocommit=True) as admin:
-        rows = admin.execute(
-            "SELECT slot_name, active_pid FROM pg_replication_slots WHERE database = %s",
-            (WRITES_DATABASE,),
-        ).fetchall()
-        for slot, pid in rows:
-            if pid is not None:
-                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-                time.sleep(0.5)
-            admin.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        _drop_slots(admin)
         name = sql.Identifier(WRITES_DATABASE)
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
         admin.execute(sql.SQL("CREATE DATABASE {}").format(name))
@@ -902,8 +913,11 @@ def main() -> None:
     recreate_database(with_database(server, MAINTENANCE_DATABASE))
     migrate(url)
     console.log(seed_database(url, **asdict(params)))
+    # Creating a logical slot waits until every transaction open on the server (any database,
+    # another engineer's test included) has ended.
+    console.log("rollups rebuild: creating the slot waits for the server's open transactions")
     rebuilt = asyncio.run(rebuild(dsn))
-    console.log(f"derived tables rebuilt, slot {rebuilt.slot_name}")
+    console.log(f"derived tables rebuilt, slot {rebuilt.slot_name}, {rebuilt.seconds:.1f} s")
     twin = create_twin(dsn)
     console.log(f"twin {BARE}: {twin}")
 
@@ -930,6 +944,7 @@ def main() -> None:
                         _log_run(console, run)
     finally:
         consumer.close()
+        drop_slots(with_database(server, MAINTENANCE_DATABASE))
 
     rows = summarise(runs, writers)
     final_rows = {
