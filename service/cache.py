@@ -1,25 +1,38 @@
 """Report cache: Redis cache-aside that is never wrong, and never in the way.
 
-Keys. ``sr:v1:{s:<salon>}:<report>:<role>:<digest>`` for one salon and
-``sr:v1:{p}:<report>:<role>:<digest>`` for platform-wide reports. The digest covers the
+Keys. ``sr:v2:{s:<salon>}:<report>:<role>:<digest>`` for one salon and
+``sr:v2:{p}:<report>:<role>:<digest>`` for platform-wide reports. The digest covers the
 normalised parameters (defaults filled in, keys sorted, dates canonical), so equivalent requests
 share an entry; the salon (or platform) and the caller's role are in the key itself, so two
 tenants or roles never do. The ``{…}`` hash tag keeps everything of one scope in one Redis
-Cluster slot, which the Lua scripts below rely on.
+Cluster slot, which the Lua scripts and the ``MGET`` below rely on.
 
-Invalidation. Each scope has an epoch counter and, per report, a tracked set of its keys.
-``invalidate`` bumps the epoch and unlinks the tracked keys in one script: O(entries of that
-scope), no ``KEYS``, no scan. A computation that started before an invalidation stores its
-result only if the epoch it read is still current (checked atomically in the store script), so
-a slow query cannot put pre-change data back. Only the admin's clear-everything uses
-``SCAN`` + ``UNLINK``, in batches.
+Validity. Each scope and report has an epoch, ``sr:v2:<tag>:<report>:epoch``: a random token,
+created by the first computation that finds none. An entry records the epoch it was computed
+under and is served only while that epoch is still there, read together with the entry in one
+``MGET`` (same slot). Invalidation deletes the epoch. So nothing Redis may evict decides
+correctness: an evicted entry is a miss, an evicted epoch makes its scope's entries misses and
+comes back as a token nobody has read. A computation stores its result only if the epoch it
+read before its query is still current (checked in the store script), so a slow query cannot
+put pre-change data back. Per report, a tracked set of keys lets invalidation unlink the
+entries at once: that is for memory only (a set evicted leaves garbage that expires). The
+clear-everything (admin, a listener reconnecting, the stream becoming current) deletes every
+epoch it finds with ``SCAN``: an epoch some computation read either is found, or was already
+replaced, so nothing begun before the clear can store after it.
+
+Announcements. The invalidation listener calls ``announce`` the moment a change's notification
+arrives: local copies of those scopes go, computations in flight take no more joiners, and
+until ``apply_announced`` has deleted their epochs in Redis this process serves none of their
+Redis entries (it computes instead). Announcements that arrive meanwhile are merged into the
+next round.
 
 Single flight. Concurrent misses for one key in one process share one computation (an
 in-process future); across processes the first takes a Redis lock with a lease and the others
-poll for its result with backoff until the lease runs out, then compute themselves.
+poll for its result with backoff until the lease runs out, then compute themselves. A
+computation takes no more joiners once its scope is announced changed or cleared.
 
 Stale-while-revalidate. Entries live in Redis ``grace`` seconds past their TTL. Such an entry
-is served as ``STALE`` while one background task refreshes it.
+is served as ``STALE`` (if its epoch still holds) while one background task refreshes it.
 
 Failure. Every Redis call has a short socket timeout; a circuit breaker stops calling Redis
 after repeated failures and probes it again after a pause. While Redis is unusable, or while
@@ -36,7 +49,7 @@ import logging
 import secrets
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -51,15 +64,29 @@ from telemetry import attributes as attr
 
 logger = logging.getLogger("service.cache")
 
-NAMESPACE = "sr:v1"
+NAMESPACE = "sr:v2"
 PLATFORM_TAG = "{p}"
 REPORTS = ("dashboard", "bookings", "professionals")
-_HEADER = struct.Struct(">d16s")  # fresh-until (unix seconds), body digest
+_HEADER = struct.Struct(">d16s16s")  # fresh-until (unix seconds), body digest, epoch
+_EPOCH_BYTES = 8  # random bytes of an epoch token (16 hex digits)
 _SCAN_BATCH = 500
 
+# KEYS[1] = the epoch, KEYS[2] = the lock; ARGV[1] = a new epoch for when there is none,
+# ARGV[2] = the lock token, ARGV[3] = the lease (ms). Returns {epoch, 1 if locked}.
+_BEGIN_SCRIPT = """
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+    epoch = ARGV[1]
+    redis.call('SET', KEYS[1], epoch)
+end
+if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return {epoch, 1} end
+return {epoch, 0}
+"""
+
+# KEYS[1] = the entry, KEYS[2] = its epoch, KEYS[3] = the tracked set; ARGV[1] = the epoch
+# the computation read before its query, ARGV[2] = the value, ARGV[3] = its lifetime (ms).
 _STORE_SCRIPT = """
-local current = redis.call('GET', KEYS[2]) or '0'
-if current ~= ARGV[1] then return 0 end
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('SADD', KEYS[3], KEYS[1])
 if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[3]) then
@@ -68,17 +95,17 @@ end
 return 1
 """
 
-# KEYS[1] = the scope's epoch, KEYS[2..] = tracked key sets. The tracked keys share the
-# scope's hash tag, hence its slot.
+# KEYS = (epoch, tracked set) pairs of one scope, one pair per report. Deleting the epoch is
+# the invalidation; unlinking the tracked entries only frees their memory now.
 _INVALIDATE_SCRIPT = """
-redis.call('INCR', KEYS[1])
 local deleted = 0
-for i = 2, #KEYS do
-    local members = redis.call('SMEMBERS', KEYS[i])
+for i = 1, #KEYS, 2 do
+    redis.call('DEL', KEYS[i])
+    local members = redis.call('SMEMBERS', KEYS[i + 1])
     for j = 1, #members, 500 do
         deleted = deleted + redis.call('UNLINK', unpack(members, j, math.min(j + 499, #members)))
     end
-    redis.call('DEL', KEYS[i])
+    redis.call('DEL', KEYS[i + 1])
 end
 return deleted
 """
@@ -113,7 +140,7 @@ class CacheKey:
 
     @property
     def epoch_key(self) -> str:
-        return f"{NAMESPACE}:{self.tag}:epoch"
+        return f"{NAMESPACE}:{self.tag}:{self.report}:epoch"
 
     @property
     def tracked_key(self) -> str:
@@ -141,6 +168,7 @@ class CacheEntry:
     body: bytes
     digest: bytes
     fresh_until: float
+    epoch: bytes = b""  # the epoch it was computed under (entries read from Redis)
 
     @property
     def etag(self) -> str:
@@ -149,13 +177,21 @@ class CacheEntry:
     def seconds_left(self, now: float) -> int:
         return max(0, int(self.fresh_until - now))
 
-    def encode(self) -> bytes:
-        return _HEADER.pack(self.fresh_until, self.digest) + self.body
+    def encode(self, epoch: bytes) -> bytes:
+        return _HEADER.pack(self.fresh_until, self.digest, epoch) + self.body
 
     @classmethod
     def decode(cls, raw: bytes) -> CacheEntry:
-        fresh_until, digest = _HEADER.unpack_from(raw)
-        return cls(raw[_HEADER.size :], digest, fresh_until)
+        fresh_until, digest, epoch = _HEADER.unpack_from(raw)
+        return cls(raw[_HEADER.size :], digest, fresh_until, epoch)
+
+    @classmethod
+    def valid(cls, raw: bytes | None, epoch: bytes | None) -> CacheEntry | None:
+        """The entry stored as ``raw``, if the epoch it was computed under is still current."""
+        if raw is None or epoch is None or len(raw) < _HEADER.size:
+            return None
+        entry = cls.decode(raw)
+        return entry if entry.epoch == epoch else None
 
     @classmethod
     def of(cls, body: bytes, ttl: float, now: float) -> CacheEntry:
@@ -256,6 +292,13 @@ class LocalTier:
             del self._entries[next(iter(self._entries))]  # the oldest insertion
         self._entries[key.key] = (entry, expires, key.tag, key.report)
 
+    def drop_scopes(self, tags: Collection[str]) -> None:
+        """Forget these scopes, every report of them."""
+        self.generation += 1
+        self._entries = {
+            name: value for name, value in self._entries.items() if value[2] not in tags
+        }
+
     def drop(self, tag: str | None = None, report: str | None = None) -> None:
         """Forget one scope (or every scope), for one report or all."""
         self.generation += 1
@@ -270,6 +313,18 @@ class LocalTier:
 
 
 Compute = Callable[[], Awaitable[bytes]]
+
+
+@dataclass(slots=True)
+class _Flight:
+    """A computation in this process that requests for ``key`` may join."""
+
+    key: CacheKey
+    future: asyncio.Future[Outcome]
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(_EPOCH_BYTES)
 
 
 class ReportCache:
@@ -293,15 +348,35 @@ class ReportCache:
         self.lock_lease = lock_lease
         self.breaker = breaker or CircuitBreaker()
         self.clock = clock
-        self.listener_healthy = redis is not None
-        self._inflight: dict[str, asyncio.Future[Outcome]] = {}
+        self._listener_healthy = redis is not None
+        self._inflight: dict[str, _Flight] = {}
         self._refreshing: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
+        # Announced changes (see ``announce``): a sequence number per announcement, the scopes
+        # whose Redis entries are not invalidated yet, and who else wants to hear of them.
+        self.announced = 0
+        self.applied = 0  # every announcement up to this one is invalidated in Redis
+        self._pending: dict[str, int] = {}  # scope tag -> its latest announcement
+        self._pending_everything = 0  # the latest announcement of "everything", until applied
+        self._announce_hooks: list[Callable[[set[int] | None], None]] = []
+        self._begin = redis.register_script(_BEGIN_SCRIPT) if redis else None
         self._store = redis.register_script(_STORE_SCRIPT) if redis else None
         self._invalidate = redis.register_script(_INVALIDATE_SCRIPT) if redis else None
         self._release = redis.register_script(_RELEASE_SCRIPT) if redis else None
 
     # -- availability -------------------------------------------------------------------
+
+    @property
+    def listener_healthy(self) -> bool:
+        """Whether the invalidation listener hears every change (else the cache is bypassed)."""
+        return self._listener_healthy
+
+    @listener_healthy.setter
+    def listener_healthy(self, healthy: bool) -> None:
+        if not healthy:
+            # Changes may go unheard from now on: no request may join what is in flight.
+            self._detach(None)
+        self._listener_healthy = healthy
 
     async def _call(self, operation: Awaitable[Any]) -> Any:
         try:
@@ -337,11 +412,14 @@ class ReportCache:
         local = self.local.get(key) if trusted else None
         if local is not None:
             return Outcome(local, CacheResult.HIT, cache_ms=(time.perf_counter() - started) * 1000)
+        if trusted and self._announced_pending(key.tag):
+            # Told of a change that Redis may not know of yet: its entries may predate it.
+            return await self._single_flight(key, lambda: self._compute(compute, ttl))
         # Consult the breaker only when Redis will really be called: a half-open breaker lets
         # one probe through, and that probe must reach Redis to close it again.
         if not (trusted and self.breaker.allow()):
             try:
-                outcome = await self._single_flight(key.key, lambda: self._compute(compute, ttl))
+                outcome = await self._single_flight(key, lambda: self._compute(compute, ttl))
             except DatabaseUnavailable:
                 if trusted:
                     raise  # Redis is unusable: nothing to fall back to
@@ -354,15 +432,15 @@ class ReportCache:
             outcome.result = CacheResult.BYPASS
             return outcome
         try:
-            raw = await self._call(self.redis.get(key.key))  # type: ignore[union-attr]
+            raw, epoch = await self._call(self.redis.mget(key.key, key.epoch_key))  # type: ignore[union-attr]
         except (TimeoutError, RedisError, OSError):
-            outcome = await self._single_flight(key.key, lambda: self._compute(compute, ttl))
+            outcome = await self._single_flight(key, lambda: self._compute(compute, ttl))
             outcome.result = CacheResult.ERROR
             outcome.cache_ms = (time.perf_counter() - started) * 1000
             return outcome
         cache_ms = (time.perf_counter() - started) * 1000
-        if raw is not None:
-            entry = CacheEntry.decode(raw)
+        entry = CacheEntry.valid(raw, epoch)
+        if entry is not None:
             if entry.fresh_until > self.clock():
                 self.local.put(key, entry, generation)
                 return Outcome(entry, CacheResult.HIT, cache_ms=cache_ms)
@@ -378,12 +456,13 @@ class ReportCache:
                 self.local.put(key, filled.entry, generation)
             return filled
 
-        outcome = await self._single_flight(key.key, fill)
+        outcome = await self._single_flight(key, fill)
         outcome.cache_ms += cache_ms
         return outcome
 
     async def _last_known(self, key: CacheKey) -> CacheEntry | None:
-        """What the cache holds for ``key`` (within its grace), for when the database is down.
+        """What the cache holds for ``key`` (still valid, within its grace), for when the
+        database is down.
 
         The invalidation listener connects to the same database, so while PostgreSQL is
         unreachable it is disconnected and the cache untrusted; but then nobody can change
@@ -393,22 +472,26 @@ class ReportCache:
         entry = self.local.get(key)
         if entry is None and self.redis is not None and self.breaker.allow():
             try:
-                raw = await self._call(self.redis.get(key.key))
+                raw, epoch = await self._call(self.redis.mget(key.key, key.epoch_key))
             except (TimeoutError, RedisError, OSError):
                 return None
-            entry = None if raw is None else CacheEntry.decode(raw)
+            entry = CacheEntry.valid(raw, epoch)
         if entry is None:
             return None
         return CacheEntry(entry.body, entry.digest, min(entry.fresh_until, self.clock()))
 
-    async def _single_flight(self, name: str, make: Callable[[], Awaitable[Outcome]]) -> Outcome:
-        """One computation per name in this process; the others await its outcome."""
+    async def _single_flight(
+        self, key: CacheKey, make: Callable[[], Awaitable[Outcome]]
+    ) -> Outcome:
+        """One computation per key in this process; the others await its outcome."""
+        name = key.key
         pending = self._inflight.get(name)
         if pending is not None:
-            shared = await asyncio.shield(pending)
+            shared = await asyncio.shield(pending.future)
             return Outcome(shared.entry, shared.result, shared.cache_ms, shared.compute_ms)
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._inflight[name] = future
+        flight = _Flight(key, future)
+        self._inflight[name] = flight
         try:
             outcome = await make()
         except BaseException as error:
@@ -416,9 +499,23 @@ class ReportCache:
             future.exception()  # mark retrieved: waiters, if any, re-raise it themselves
             raise
         finally:
-            del self._inflight[name]
+            if self._inflight.get(name) is flight:  # not detached by an invalidation since
+                del self._inflight[name]
         future.set_result(outcome)
         return Outcome(outcome.entry, outcome.result, outcome.cache_ms, outcome.compute_ms)
+
+    def _detach(self, tag: str | None, report: str | None = None) -> None:
+        """Computations in flight for a scope (or all) take no more joiners: they may predate
+        a change. They finish for those already waiting; their store is refused if the change
+        reached Redis's epoch first."""
+        if tag is None and report is None:
+            self._inflight.clear()
+            return
+        for name, flight in list(self._inflight.items()):
+            if (tag is None or flight.key.tag == tag) and (
+                report is None or flight.key.report == report
+            ):
+                del self._inflight[name]
 
     async def _compute(self, compute: Compute, ttl: float) -> Outcome:
         started = time.perf_counter()
@@ -431,12 +528,10 @@ class ReportCache:
 
     async def _fill(self, key: CacheKey, ttl: float, compute: Compute) -> Outcome:
         """Miss: take the cross-process lock and compute, or wait for whoever holds it."""
-        redis = self.redis
-        assert redis is not None
         started = time.perf_counter()
         token = secrets.token_hex(8)
         try:
-            epoch, locked = await self._call(self._epoch_and_lock(redis, key, token))
+            epoch, locked = await self._call(self._epoch_and_lock(key, token))
         except (TimeoutError, RedisError, OSError):
             outcome = await self._compute(compute, ttl)
             outcome.result = CacheResult.ERROR
@@ -452,7 +547,7 @@ class ReportCache:
         return outcome
 
     async def _compute_and_store(
-        self, key: CacheKey, ttl: float, compute: Compute, epoch: str, token: str | None
+        self, key: CacheKey, ttl: float, compute: Compute, epoch: bytes, token: str | None
     ) -> Outcome:
         """Compute, store if the epoch still holds, and release the lock ``token`` if held."""
         try:
@@ -464,12 +559,15 @@ class ReportCache:
         await self._put(key, outcome.entry, ttl, epoch, token)
         return outcome
 
-    async def _epoch_and_lock(self, redis: Redis, key: CacheKey, token: str) -> tuple[str, bool]:
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.get(key.epoch_key)
-            pipe.set(key.lock_key, token, nx=True, px=int(self.lock_lease * 1000))
-            epoch, locked = await pipe.execute()
-        return (epoch.decode() if epoch is not None else "0"), bool(locked)
+    async def _epoch_and_lock(self, key: CacheKey, token: str) -> tuple[bytes, bool]:
+        """The scope's epoch (created if there is none) and whether ``token`` took the lock;
+        read before the computation's query, so that its result is stored under it."""
+        assert self._begin is not None
+        epoch, locked = await self._begin(
+            keys=[key.epoch_key, key.lock_key],
+            args=[new_epoch(), token, int(self.lock_lease * 1000)],
+        )
+        return bytes(epoch), bool(locked)
 
     async def _wait_for_holder(self, key: CacheKey) -> Outcome | None:
         """Poll for the lock holder's result with backoff, at most one lease long."""
@@ -481,25 +579,20 @@ class ReportCache:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
             try:
-                raw, holder = await self._call(self._get_with_lock(redis, key))
+                raw, epoch, holder = await self._call(
+                    redis.mget(key.key, key.epoch_key, key.lock_key)
+                )
             except (TimeoutError, RedisError, OSError):
                 return None
-            if raw is not None:
-                return Outcome(CacheEntry.decode(raw), CacheResult.HIT)
-            if holder is None:  # the holder gave up or crashed and its lease ran out
+            entry = CacheEntry.valid(raw, epoch)
+            if entry is not None:
+                return Outcome(entry, CacheResult.HIT)
+            if holder is None:  # the holder gave up or crashed (or its store was refused)
                 return None
         return None
 
-    @staticmethod
-    async def _get_with_lock(redis: Redis, key: CacheKey) -> tuple[bytes | None, bytes | None]:
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.get(key.key)
-            pipe.get(key.lock_key)
-            raw, holder = await pipe.execute()
-        return raw, holder
-
     async def _put(
-        self, key: CacheKey, entry: CacheEntry, ttl: float, epoch: str, token: str | None
+        self, key: CacheKey, entry: CacheEntry, ttl: float, epoch: bytes, token: str | None
     ) -> None:
         assert self._store is not None
         lifetime_ms = int((ttl + self.stale_grace) * 1000)
@@ -510,7 +603,7 @@ class ReportCache:
                 stored = await self._call(
                     self._store(
                         keys=[key.key, key.epoch_key, key.tracked_key],
-                        args=[epoch, entry.encode(), lifetime_ms],
+                        args=[epoch, entry.encode(epoch), lifetime_ms],
                     )
                 )
                 if not stored:
@@ -538,10 +631,8 @@ class ReportCache:
 
         async def refresh() -> None:
             try:
-                redis = self.redis
-                assert redis is not None
                 token = secrets.token_hex(8)
-                epoch, locked = await self._call(self._epoch_and_lock(redis, key, token))
+                epoch, locked = await self._call(self._epoch_and_lock(key, token))
                 if not locked:
                     return  # another process is refreshing it
                 await self._compute_and_store(key, ttl, compute, epoch, token)
@@ -556,31 +647,88 @@ class ReportCache:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    # -- announced changes --------------------------------------------------------------
+
+    def on_announce(self, hook: Callable[[set[int] | None], None]) -> None:
+        """Call ``hook`` with the salon ids (None: all) of every announced change."""
+        self._announce_hooks.append(hook)
+
+    def announce(self, salon_ids: set[int] | None) -> None:
+        """A change to these salons (None: to anything) is committed and folded: forget at once
+        what this process holds of them (and of the platform-wide scope), and serve none of
+        their Redis entries until ``apply_announced`` has invalidated them. Synchronous: the
+        listener calls it as the notification comes off the socket."""
+        self.announced += 1
+        if salon_ids is None:
+            self._pending_everything = self.announced
+            self.forget_local()
+        else:
+            tags = {scope_tag(salon_id) for salon_id in salon_ids} | {PLATFORM_TAG}
+            for tag in tags:
+                self._pending[tag] = self.announced
+                self._detach(tag)
+            self.local.drop_scopes(tags)
+        for hook in self._announce_hooks:
+            hook(salon_ids)
+
+    def _announced_pending(self, tag: str) -> bool:
+        return bool(self._pending_everything) or tag in self._pending
+
+    async def apply_announced(self) -> int:
+        """Invalidate in Redis everything announced so far, in one round trip; returns the
+        last announcement covered."""
+        covered = self.announced
+        if self._pending_everything:
+            await self.clear_all()
+        elif self._pending and self.redis is not None:
+            await self._invalidate_scopes(list(self._pending), None)
+        self._settle(covered)
+        return covered
+
+    def _settle(self, covered: int) -> None:
+        """Announcements up to ``covered`` are invalidated in Redis."""
+        self._pending = {tag: last for tag, last in self._pending.items() if last > covered}
+        if self._pending_everything <= covered:
+            self._pending_everything = 0
+        self.applied = max(self.applied, covered)
+
     # -- invalidation -------------------------------------------------------------------
+
+    def forget_local(self, tag: str | None = None, report: str | None = None) -> None:
+        """Drop what this process holds of a scope (or of all): its local copies, and the
+        computations in flight stop taking joiners."""
+        self.local.drop(tag, report)
+        self._detach(tag, report)
+
+    async def _invalidate_scopes(self, tags: list[str], report: str | None) -> int:
+        """Delete the epochs (and unlink the tracked entries) of these scopes, for one report
+        or all, in one round trip; returns how many entries went."""
+        redis = self.redis
+        assert redis is not None
+        assert self._invalidate is not None
+        reports = REPORTS if report is None else (report,)
+        async with redis.pipeline(transaction=False) as pipe:
+            for tag in tags:
+                keys = []
+                for name in reports:
+                    probe = CacheKey(name, tag, "")
+                    keys += [probe.epoch_key, probe.tracked_key]
+                await self._invalidate(keys=keys, client=pipe)
+            counts = await self._call(pipe.execute())
+        return sum(int(count) for count in counts)
 
     async def invalidate(self, salon_id: int | None, report: str | None = None) -> int:
         """Drop one scope's entries (all reports, or one); returns how many went."""
-        self.local.drop(scope_tag(salon_id), report)
-        if self.redis is None or self._invalidate is None:
+        tag = scope_tag(salon_id)
+        self.forget_local(tag, report)
+        if self.redis is None:
             return 0
-        reports = REPORTS if report is None else (report,)
-        probe = CacheKey(reports[0], scope_tag(salon_id), "")
-        keys = [probe.epoch_key] + [CacheKey(name, probe.tag, "").tracked_key for name in reports]
         try:
-            deleted = await self._call(self._invalidate(keys=keys))
+            return await self._invalidate_scopes([tag], report)
         finally:
             # Again: a request between the first drop and the script may have copied a
-            # Redis entry the script has just deleted into the local tier.
-            self.local.drop(scope_tag(salon_id), report)
-        return int(deleted)
-
-    async def invalidate_salons(self, salon_ids: set[int]) -> int:
-        """A change to these salons' bookings: drop their entries and the platform-wide ones."""
-        deleted = 0
-        for salon_id in sorted(salon_ids):
-            deleted += await self.invalidate(salon_id)
-        deleted += await self.invalidate(None)
-        return deleted
+            # Redis entry the script has just invalidated into the local tier.
+            self.local.drop(tag, report)
 
     async def clear(self, report: str | None = None, salon_id: int | None = None) -> int:
         """The admin clear: one salon's entries (of one report or all), else every salon's."""
@@ -589,50 +737,49 @@ class ReportCache:
         return await self.clear_all(report)
 
     async def clear_all(self, report: str | None = None) -> int:
-        """``SCAN`` + ``UNLINK`` every entry of the namespace (of one report, if given).
+        """Delete every epoch (of one report, if given) and unlink every entry, by ``SCAN``.
 
-        Epoch counters are incremented rather than deleted, so that a computation in flight
-        cannot store what it read before the clear.
+        A computation that began before the clear read an epoch that existed when the clear
+        began: ``SCAN`` returns every key present from its start to its end, so that epoch is
+        deleted, or was replaced meanwhile; either way the computation cannot store.
         """
-        self.local.drop(None, report)
+        covered = self.announced
+        self.forget_local(None, report)
         redis = self.redis
         if redis is None:
+            if report is None:
+                self._settle(covered)
             return 0
         deleted = 0
-        pattern = f"{NAMESPACE}:*"
-        batch: list[bytes] = []
-        async for name in redis.scan_iter(match=pattern, count=_SCAN_BATCH):
-            text = name.decode()
-            if text.endswith(":epoch"):
-                await redis.incr(name)
-                continue
-            if (
-                report is not None
-                and f":{report}:" not in text
-                and not text.endswith(f":keys:{report}")
-            ):
-                continue
-            batch.append(name)
-            if len(batch) >= _SCAN_BATCH:
-                deleted += await self._unlink_entries(redis, batch)
-                batch = []
-        if batch:
-            deleted += await self._unlink_entries(redis, batch)
-        self.breaker.succeeded()
+        cursor = 0
+        while True:
+            cursor, names = await self._call(
+                redis.scan(cursor, match=f"{NAMESPACE}:*", count=_SCAN_BATCH)
+            )
+            chosen = [name for name in names if _cleared_by(name, report)]
+            if chosen:
+                deleted += await self._unlink_entries(chosen)
+            if cursor == 0:
+                break
+        # Again: a request may have copied an entry into the local tier before its epoch went.
+        self.forget_local(None, report)
+        if report is None:
+            self._settle(covered)
         return deleted
 
-    @staticmethod
-    async def _unlink_entries(redis: Redis, names: list[bytes]) -> int:
+    async def _unlink_entries(self, names: list[bytes]) -> int:
+        redis = self.redis
+        assert redis is not None
         entries: list[bytes] = []
-        others: list[bytes] = []  # tracked-key sets and locks: removed, not counted
+        others: list[bytes] = []  # epochs, tracked-key sets and locks: removed, not counted
         for name in names:
-            is_entry = b":keys:" not in name and not name.endswith(b":lock")
+            is_entry = not name.endswith((b":epoch", b":lock")) and b":keys:" not in name
             (entries if is_entry else others).append(name)
         deleted = 0
         if entries:
-            deleted = int(await redis.unlink(*entries))
+            deleted = int(await self._call(redis.unlink(*entries)))
         if others:
-            await redis.unlink(*others)
+            await self._call(redis.unlink(*others))
         return deleted
 
     async def close(self) -> None:
@@ -641,3 +788,11 @@ class ReportCache:
             await asyncio.wait(set(self._background), timeout=5)
         for task in list(self._background):
             task.cancel()
+
+
+def _cleared_by(name: bytes, report: str | None) -> bool:
+    """Whether a clear of ``report`` (None: of every report) removes the key ``name``."""
+    if report is None:
+        return True
+    text = name.decode()
+    return f":{report}:" in text or text.endswith(f":keys:{report}")

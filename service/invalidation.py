@@ -3,9 +3,13 @@
 The change-stream consumer (``service.changes``) sends ``NOTIFY bookings_changed, '<salon
 ids>'`` (or ``'*'``) in the transaction that folds a batch of changes to bookings, services,
 professionals or salons, whoever wrote them: delivered once the derived data reflects them.
-Each worker listens on its own connection. While that connection is down the cache is bypassed (the
-notifications it misses would leave stale entries behind); after reconnecting, everything
-cached is treated as possibly stale and cleared before the cache is used again.
+Each worker listens on its own connection, read by a callback on its socket: a notification is
+announced to the cache (``ReportCache.announce``: local copies dropped, Redis entries of those
+salons no longer served here) the moment it arrives, and the Redis invalidations then run in
+rounds that merge everything announced meanwhile, so a slow Redis delays nothing but memory.
+While the connection is down the cache is bypassed (the notifications it misses would leave
+stale entries behind); after reconnecting, everything cached is treated as possibly stale and
+cleared before the cache is used again.
 """
 
 from __future__ import annotations
@@ -26,8 +30,6 @@ logger = logging.getLogger("service.invalidation")
 
 CHANNEL = "bookings_changed"
 CLEARED_CHANNEL = "report_cache_cleared"  # admin clears, for the other workers' local tiers
-_STOP = "\x00stop"
-_BROKEN = "\x00broken"
 
 
 async def broadcast_clear(engine: AsyncEngine, report: str | None, salon_id: int | None) -> None:
@@ -67,8 +69,10 @@ class InvalidationListener:
         self._task: asyncio.Task[None] | None = None
         self._connection: psycopg.AsyncConnection | None = None
         self._stopping = asyncio.Event()
-        self._markers: dict[str, asyncio.Event] = {}
-        self._payloads: asyncio.Queue[str] = asyncio.Queue()
+        self._wake = asyncio.Event()  # something arrived, or the connection broke, or stop
+        self._broken = False
+        self._markers: dict[str, asyncio.Event] = {}  # this process's settle markers
+        self._seen: list[tuple[int, asyncio.Event]] = []  # markers arrived, by announcement
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="invalidation-listener")
@@ -76,7 +80,7 @@ class InvalidationListener:
     async def stop(self) -> None:
         """Stop listening: wake the loop and let it leave on its own, cancel as a last resort."""
         self._stopping.set()
-        self._payloads.put_nowait(_STOP)
+        self._wake.set()
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout=2)
@@ -112,15 +116,8 @@ class InvalidationListener:
                     self._connection = connection
                     await connection.execute(f"LISTEN {CHANNEL}")
                     await connection.execute(f"LISTEN {CLEARED_CHANNEL}")
-                    if not first:
-                        # Notifications sent while we were away are lost: start clean.
-                        self.reconnects += 1
-                        deleted = await self.cache.clear_all()
-                        logger.warning("listener reconnected; cleared %d cache entries", deleted)
-                    first = False
-                    self.cache.listener_healthy = True
-                    self.connected.set()
-                    await self._consume(connection)
+                    reconnected, first = not first, False
+                    await self._consume(connection, reconnected=reconnected)
             except asyncio.CancelledError:
                 raise
             except Exception as error:
@@ -134,40 +131,48 @@ class InvalidationListener:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.retry_delay)
 
-    async def _consume(self, connection: psycopg.AsyncConnection) -> None:
+    async def _consume(self, connection: psycopg.AsyncConnection, *, reconnected: bool) -> None:
         """Read notifications straight off the socket until the connection breaks.
 
         psycopg's ``notifies()`` generator holds the connection lock and does not always
         give up on cancellation; a reader callback on the socket can be removed at any time.
+        The callback announces each change to the cache at once; this loop then applies the
+        announcements to Redis, a round at a time.
         """
         loop = asyncio.get_running_loop()
         pgconn = connection.pgconn
-        payloads = self._payloads
+        self._broken = False
 
         def on_readable() -> None:
             try:
                 pgconn.consume_input()
             except psycopg.OperationalError:
-                payloads.put_nowait(_BROKEN)
+                self._broken = True
+                self._wake.set()
                 return
             while (notification := pgconn.notifies()) is not None:
-                payload = notification.extra.decode()
-                if notification.relname == CLEARED_CHANNEL.encode():
-                    self._drop_local(payload)
-                else:
-                    payloads.put_nowait(payload)
+                self._arrived(notification.relname.decode(), notification.extra.decode())
+            self._wake.set()
 
         fd = pgconn.socket
         loop.add_reader(fd, on_readable)
         try:
             on_readable()  # anything that arrived with the LISTEN's answer
+            if reconnected:
+                # Notifications sent while we were away are lost: start clean.
+                self.reconnects += 1
+                deleted = await self._clear_when_possible()
+                logger.warning("listener reconnected; cleared %d cache entries", deleted)
+            self.cache.listener_healthy = True
+            self.connected.set()
             while True:
-                payload = await payloads.get()
-                if payload is _STOP:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._stopping.is_set():
                     return
-                if payload is _BROKEN:
+                if self._broken:
                     raise ConnectionError("the listening connection was closed")
-                await self._apply(payload)
+                await self._apply()
         finally:
             loop.remove_reader(fd)
 
@@ -190,39 +195,50 @@ class InvalidationListener:
         finally:
             self._markers.pop(marker, None)
 
+    def _arrived(self, channel: str, payload: str) -> None:
+        """One notification, as it comes off the socket (no awaiting here)."""
+        if channel == CLEARED_CHANNEL:
+            self._drop_local(payload)
+            return
+        marker = self._markers.get(payload)
+        if marker is not None:
+            # Seen once everything announced before it has been applied to Redis.
+            self._seen.append((self.cache.announced, marker))
+            return
+        if payload.startswith("settle:"):
+            return  # another process's marker
+        self.cache.announce(parse_payload(payload))
+
     def _drop_local(self, payload: str) -> None:
         """``<report or *>:<salon id or *>`` from an admin clear on some worker."""
         report, _, salon = payload.partition(":")
         report_name = None if report == "*" else report
         tag = None if salon == "*" else scope_tag(int(salon))
-        self.cache.local.drop(tag, report_name)
+        self.cache.forget_local(tag, report_name)
 
-    async def _apply(self, payload: str) -> None:
-        marker = self._markers.get(payload)
-        if marker is not None:
-            marker.set()
-            return
-        if payload.startswith("settle:"):
-            return
-        salon_ids = parse_payload(payload)
+    async def _apply(self) -> None:
+        """Invalidate in Redis what was announced; then release the markers it covers."""
         try:
-            if salon_ids is None:
-                await self.cache.clear_all()
-            else:
-                await self.cache.invalidate_salons(salon_ids)
+            await self.cache.apply_announced()
         except Exception:
             # Redis is down: nothing is served from it until it returns, but entries written
             # before this change may still be there when it does. Clear on the next success.
             logger.warning("could not invalidate after a booking change; bypassing the cache")
             self.cache.listener_healthy = False
             await self._clear_when_possible()
+            if not self._stopping.is_set():
+                self.cache.listener_healthy = True
+        applied = self.cache.applied
+        for entry in [entry for entry in self._seen if entry[0] <= applied]:
+            self._seen.remove(entry)
+            entry[1].set()
 
-    async def _clear_when_possible(self) -> None:
-        while True:
+    async def _clear_when_possible(self) -> int:
+        """Clear the whole cache, retrying until Redis answers (or the listener stops)."""
+        while not self._stopping.is_set():
             try:
-                await self.cache.clear_all()
+                return await self.cache.clear_all()
             except Exception:
-                await asyncio.sleep(self.retry_delay)
-                continue
-            self.cache.listener_healthy = True
-            return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.retry_delay)
+        return 0

@@ -29,8 +29,9 @@ def free_port() -> int:
 class RedisProcess:
     """A redis-server on a loopback port of its own, for tests that stop it."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, options: tuple[str, ...] = ()) -> None:
         self.port = port or free_port()
+        self.options = options  # more redis-server arguments, e.g. ("--maxmemory", "4mb")
         self.directory = tempfile.mkdtemp(prefix="salon-reports-redis-")
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -54,6 +55,7 @@ class RedisProcess:
                 "no",
                 "--dir",
                 self.directory,
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -80,8 +82,8 @@ class RedisProcess:
 
 
 @contextmanager
-def redis_process() -> Iterator[RedisProcess]:
-    server = RedisProcess()
+def redis_process(*options: str) -> Iterator[RedisProcess]:
+    server = RedisProcess(options=options)
     server.start()
     try:
         yield server

@@ -1,0 +1,428 @@
+"""The cache's staleness contract (README, "Cache": how stale can an answer be), path by path.
+
+Each path has its bound and a test that holds the interleaving that would break it in place
+with a hook (a report query that has read the database and waits for a signal, Redis writes
+paused with ``CLIENT PAUSE WRITE``, keys deleted as an eviction would), rather than hoping a
+race happens:
+
+- Redis hit: once a worker has been told of a change, it serves none of that scope's Redis
+  entries from before it, even while its own invalidation of Redis is still on the way; and
+  nothing Redis may evict (tracking sets, epochs) can turn a miss into a stale hit.
+- local tier: dropped the moment the notification arrives, whatever else is queued.
+- STALE: an invalidated entry is never served, neither while refreshing nor while the database
+  is down.
+- single-flight join: a request never joins a computation that began before a change it was
+  told of, nor one from before an admin clear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from service.cache import NAMESPACE, ReportCache, build_key, scope_tag
+from service.config import Settings
+from service.db import async_engine
+from service.reports import queries
+from tests.conftest import Api, RunningApi, app_settings
+from tests.factories import add_booking, small_dataset
+from tests.support import RedisProcess, redis_process
+
+REPORTS = ("dashboard", "bookings", "professionals")
+
+
+@pytest.fixture
+async def data(db: psycopg.Connection, request: pytest.FixtureRequest) -> dict[str, int]:
+    """The small dataset (lisbon: 4 bookings in the last 30 days, newyork: 2)."""
+    dataset = small_dataset(db)
+    if "api" in request.fixturenames:
+        await settled(request.getfixturevalue("api"))
+    return dataset
+
+
+async def settled(api: Api) -> None:
+    """The stream has folded every write so far and this worker's listener has handled it."""
+    listener = api.resources.listener
+    assert listener is not None
+    await listener.settle()
+
+
+def book(db: psycopg.Connection, data: dict[str, int], salon: str = "lisbon") -> None:
+    """One more completed booking an hour ago in ``salon`` (the booking app's plain SQL)."""
+    add_booking(
+        db,
+        salon_id=data[salon],
+        client_id=data["bob"],
+        professional_id=data[f"pro_{salon}"],
+        service_id=data["cut" if salon == "lisbon" else "nails"],
+        scheduled_at=datetime.now(UTC) - timedelta(hours=1),
+    )
+
+
+def total(report: str, body: dict[str, Any]) -> int:
+    """The number of bookings a report body counts, whichever report it is."""
+    if report == "dashboard":
+        return int(body["bookings_total"])
+    if report == "bookings":
+        return sum(point["bookings"] for point in body["series"])
+    return sum(item["bookings"] for item in body["items"])
+
+
+async def dashboard_total(api: Api, salon: int | None) -> tuple[int, str]:
+    params = {} if salon is None else {"salon_id": salon}
+    response = await api.report("dashboard", **params)
+    assert response.status_code == 200, response.text
+    return int(response.json()["bookings_total"]), response.headers["x-cache"]
+
+
+def redis_names(url: str, pattern: str) -> list[bytes]:
+    client = redis.Redis.from_url(url)
+    try:
+        return list(client.scan_iter(match=pattern, count=500))
+    finally:
+        client.close()
+
+
+def delete_names(url: str, names: list[bytes]) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        if names:
+            client.delete(*names)
+    finally:
+        client.close()
+
+
+class HeldQuery:
+    """A report query that reads the database, then waits for ``release`` before answering:
+    a computation that has read the data of its moment and is slow to finish. Only its first
+    call is held; later calls go straight through."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str = "dashboard_metrics") -> None:
+        self.read = asyncio.Event()
+        self.release = asyncio.Event()
+        self.calls = 0
+        original = getattr(queries, name)
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            first = self.calls == 1
+            result = await original(*args, **kwargs)
+            if first:
+                self.read.set()
+                await self.release.wait()
+            return result
+
+        monkeypatch.setattr(queries, name, held)
+
+    async def until_read(self) -> None:
+        await asyncio.wait_for(self.read.wait(), 30)
+
+
+@pytest.fixture
+def hold(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., HeldQuery]]:
+    """Make ``HeldQuery``s; each is released at the end of the test whatever happened (a held
+    query keeps a transaction open, which the next test's TRUNCATE would wait for)."""
+    made: list[HeldQuery] = []
+
+    def make(name: str = "dashboard_metrics") -> HeldQuery:
+        held = HeldQuery(monkeypatch, name)
+        made.append(held)
+        return held
+
+    yield make
+    for held in made:
+        held.release.set()
+
+
+async def parked(task: Awaitable[Any], seconds: float = 2.0) -> None:
+    """Give ``task`` time to reach wherever it would wait (joining a held computation, on the
+    code this replaced). The assertions never depend on it: with the fix the task's answer is
+    the same whether it finished in that time or not."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(task), seconds)
+
+
+@contextlib.asynccontextmanager
+async def private_redis_api(
+    base_settings: Settings, database_url: str, *options: str, **overrides: Any
+) -> AsyncIterator[tuple[Api, RedisProcess]]:
+    """An app on a Redis server of its own (the test may pause, fill or kill it)."""
+    with redis_process(*options) as server:
+        settings = app_settings(base_settings, database_url, server.url, **overrides)
+        async with RunningApi(settings) as api:
+            await settled(api)
+            yield api, server
+
+
+# -- Redis hit: nothing evictable decides validity -----------------------------------------
+
+
+async def test_a_deleted_tracking_set_costs_a_miss_never_a_stale_hit(
+    api: Api, data: dict[str, int], db: psycopg.Connection
+) -> None:
+    """The reproduction of issue 15: the set that found entries for deletion is evicted."""
+    salon = data["lisbon"]
+    assert await dashboard_total(api, salon) == (4, "MISS")
+    assert await dashboard_total(api, salon) == (4, "HIT")
+    tracked = redis_names(api.settings.redis_url, f"{NAMESPACE}:*:keys:*")
+    assert tracked
+    delete_names(api.settings.redis_url, tracked)  # what an eviction does
+    book(db, data)
+    await settled(api)
+    assert (await dashboard_total(api, salon))[0] == 5
+
+
+async def test_an_evicted_epoch_never_lets_an_old_computation_store(
+    api: Api, data: dict[str, int], db: psycopg.Connection, hold: Callable[..., HeldQuery]
+) -> None:
+    """An epoch that Redis evicts and that comes back must not come back with a value some
+    computation in flight already read (a counter restarting from nothing would)."""
+    url = api.settings.redis_url
+    salon = data["lisbon"]
+    await dashboard_total(api, salon)
+    delete_names(url, redis_names(url, f"{NAMESPACE}:*epoch*"))  # evicted
+    book(db, data)
+    await settled(api)
+    held = hold()
+    first = asyncio.create_task(dashboard_total(api, salon))
+    await held.until_read()  # it has read 5 bookings
+    epochs = redis_names(url, f"{NAMESPACE}:*epoch*")
+    assert epochs
+    delete_names(url, epochs)  # evicted again: the same value must not come back
+    book(db, data)
+    await settled(api)
+    held.release.set()
+    assert (await first)[0] == 5  # it began before the write: allowed
+    assert (await dashboard_total(api, salon))[0] == 6
+
+
+async def test_redis_at_maxmemory_with_allkeys_lru_costs_misses_never_stale_hits(
+    base_settings: Settings, database_url: str, data: dict[str, int], db: psycopg.Connection
+) -> None:
+    """Fill a Redis of 8 MB (``allkeys-lru``) far past its limit while the cached reports are
+    read, so that whatever is not read (tracking sets, say) is what goes; then write."""
+    async with private_redis_api(
+        base_settings,
+        database_url,
+        "--maxmemory",
+        "8mb",
+        "--maxmemory-policy",
+        "allkeys-lru",
+        cache_local_entries=0,  # every read goes to Redis (and refreshes what it touches)
+    ) as (api, server):
+        scopes: list[tuple[str, int | None]] = [("lisbon", data["lisbon"])]
+        scopes += [("newyork", data["newyork"]), ("platform", None)]
+        before = {"lisbon": 4, "newyork": 2, "platform": 6}
+
+        async def read_all(expected: dict[str, int]) -> list[str]:
+            served = []
+            for report in REPORTS:
+                for name, salon in scopes:
+                    params = {} if salon is None else {"salon_id": salon}
+                    response = await api.report(report, **params)
+                    assert response.status_code == 200, response.text
+                    assert total(report, response.json()) == expected[name], (report, name)
+                    served.append(response.headers["x-cache"])
+            return served
+
+        await read_all(before)
+        assert set(await read_all(before)) == {"HIT"}
+        client = redis.Redis(port=server.port)
+        junk = b"x" * 4096
+        for batch in range(60):  # about 4 times the limit
+            with client.pipeline(transaction=False) as pipe:
+                for n in range(200):
+                    pipe.set(f"junk:{batch}:{n}", junk)
+                pipe.execute()
+            await read_all(before)
+        assert int(client.info("stats")["evicted_keys"]) > 5000
+        client.close()
+        book(db, data, "lisbon")
+        book(db, data, "newyork")
+        await settled(api)
+        await read_all({"lisbon": 5, "newyork": 3, "platform": 8})
+
+
+# -- the single-flight join ------------------------------------------------------------------
+
+
+async def test_a_request_told_of_a_change_never_joins_a_computation_from_before_it(
+    api: Api, data: dict[str, int], db: psycopg.Connection, hold: Callable[..., HeldQuery]
+) -> None:
+    """A computes from the data before a booking; the booking commits and this worker hears of
+    it; B misses and would join A: B must get the booking (and not with max-age=900)."""
+    salon = data["lisbon"]
+    held = hold()
+    first = asyncio.create_task(dashboard_total(api, salon))
+    await held.until_read()
+    book(db, data)
+    await settled(api)
+    second = asyncio.create_task(api.report("dashboard", salon_id=salon))
+    await parked(second)
+    held.release.set()
+    assert (await first)[0] == 4
+    response = await second
+    assert response.json()["bookings_total"] == 5
+    assert (await dashboard_total(api, salon))[0] == 5
+
+
+async def test_clear_all_stops_every_computation_begun_before_it(redis_url: str) -> None:
+    """A scope never invalidated before: its computation in flight neither stores after an
+    admin clear nor is joined by a request made after it."""
+    client = Redis.from_url(redis_url)
+    cache = ReportCache(client)
+    key = build_key("dashboard", 7, "admin", {"start": "2026-01-01", "end": "2026-01-31"})
+    read, release = asyncio.Event(), asyncio.Event()
+
+    async def before() -> bytes:
+        read.set()
+        await release.wait()
+        return b'{"computed":"before the clear"}'
+
+    async def after() -> bytes:
+        return b'{"computed":"after the clear"}'
+
+    try:
+        first = asyncio.create_task(cache.fetch(key, 60, before))
+        await asyncio.wait_for(read.wait(), 10)
+        await cache.clear_all()
+        second = asyncio.create_task(cache.fetch(key, 60, after))
+        await parked(second)
+        release.set()
+        assert (await first).entry.body == b'{"computed":"before the clear"}'
+        assert (await second).entry.body == b'{"computed":"after the clear"}'
+        third = await cache.fetch(key, 60, after)
+        assert third.entry.body == b'{"computed":"after the clear"}'
+    finally:
+        await cache.close()
+        await client.aclose()
+
+
+# -- the local tier and a Redis that is slow to invalidate -----------------------------------
+
+
+async def _notify(dsn: str, payload: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as connection:
+        await connection.execute("SELECT pg_notify('bookings_changed', %s)", (payload,))
+
+
+async def test_local_copies_go_the_moment_the_notification_arrives(
+    base_settings: Settings, database_url: str, data: dict[str, int], dsn: str
+) -> None:
+    """Redis is slow to take writes (paused): the invalidation of lisbon's Redis entries hangs,
+    and newyork's notification, queued behind it, must still drop newyork's local copy now."""
+    async with private_redis_api(base_settings, database_url, redis_timeout=10.0) as (api, server):
+        cache = api.resources.cache
+        lisbon, newyork = data["lisbon"], data["newyork"]
+        for salon in (lisbon, newyork):
+            await dashboard_total(api, salon)
+            assert (await dashboard_total(api, salon))[1] == "HIT"
+        assert {tag for _, _, tag, _ in cache.local._entries.values()} == {
+            scope_tag(lisbon),
+            scope_tag(newyork),
+        }
+        client = redis.Redis(port=server.port)
+        client.execute_command("CLIENT", "PAUSE", 4000, "WRITE")
+        try:
+            await _notify(dsn, str(lisbon))
+            await _notify(dsn, str(newyork))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 2.0
+            while len(cache.local) and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            assert len(cache.local) == 0  # both gone while Redis still refuses writes
+        finally:
+            client.execute_command("CLIENT", "UNPAUSE")
+            client.close()
+
+
+async def test_a_told_worker_serves_no_redis_entry_its_invalidation_has_not_reached(
+    base_settings: Settings, database_url: str, data: dict[str, int], db: psycopg.Connection
+) -> None:
+    """Redis hit bound: the notification has arrived, the invalidation script is stuck behind a
+    paused Redis; the entry still in Redis predates the write and must not be served."""
+    async with private_redis_api(
+        base_settings, database_url, redis_timeout=10.0, cache_local_entries=0
+    ) as (api, server):
+        salon = data["lisbon"]
+        await dashboard_total(api, salon)
+        assert await dashboard_total(api, salon) == (4, "HIT")
+        client = redis.Redis(port=server.port)
+        client.execute_command("CLIENT", "PAUSE", 4000, "WRITE")
+        try:
+            book(db, data)
+            listener = api.resources.listener
+            assert listener is not None
+            folded_and_told = asyncio.create_task(listener.settle(timeout=10))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 2.0
+            seen = await dashboard_total(api, salon)
+            while seen[0] != 5 and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+                seen = await dashboard_total(api, salon)
+            assert seen[0] == 5
+        finally:
+            client.execute_command("CLIENT", "UNPAUSE")
+            client.close()
+        await folded_and_told
+        assert (await dashboard_total(api, salon))[0] == 5
+
+
+# -- STALE -----------------------------------------------------------------------------------
+
+
+async def test_an_invalidated_entry_is_never_served_stale(
+    base_settings: Settings,
+    database_url: str,
+    data: dict[str, int],
+    db: psycopg.Connection,
+    redis_url: str,
+) -> None:
+    settings = app_settings(
+        base_settings, database_url, redis_url, cache_ttl_dashboard=1, cache_stale_grace=60
+    )
+    async with RunningApi(settings) as api:
+        await settled(api)
+        salon = data["lisbon"]
+        await dashboard_total(api, salon)
+        await asyncio.sleep(1.1)  # expired, within its grace
+        api.resources.cache.local.drop()
+        delete_names(redis_url, redis_names(redis_url, f"{NAMESPACE}:*:keys:*"))
+        book(db, data)
+        await settled(api)
+        served = await dashboard_total(api, salon)
+        assert served[0] == 5
+        assert served[1] != "STALE"
+
+
+async def test_an_invalidated_entry_is_not_served_while_the_database_is_down(
+    api: Api, data: dict[str, int], db: psycopg.Connection
+) -> None:
+    """The last-known answer of a database outage is one still valid, or none (503)."""
+    salon = data["lisbon"]
+    await dashboard_total(api, salon)
+    delete_names(api.settings.redis_url, redis_names(api.settings.redis_url, "*:keys:*"))
+    book(db, data)
+    await settled(api)
+    reports = api.resources.reports
+    healthy = reports.engine
+    reports.engine = async_engine(
+        healthy.url.set(port=1).render_as_string(hide_password=False), pool_timeout=0.5
+    )
+    api.resources.cache.listener_healthy = False  # as the listener's connection drops
+    try:
+        response = await api.report("dashboard", salon_id=salon)
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "database_unavailable"
+    finally:
+        await reports.engine.dispose()
+        reports.engine = healthy
+        api.resources.cache.listener_healthy = True
