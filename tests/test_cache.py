@@ -15,7 +15,7 @@ import redis
 from service.cache import NAMESPACE
 from service.config import Settings
 from tests.conftest import Api, RunningApi, app_settings
-from tests.factories import add_booking, small_dataset
+from tests.factories import add_booking, add_professional, small_dataset
 from tests.support import SqlCounter, redis_process
 
 PREFIX = "/api/v1/optimized-reports"
@@ -527,3 +527,81 @@ async def test_the_breaker_closes_again_while_the_local_tier_answers(
 
             await _wait_for(bookings_cached_again, timeout=3.0)
             assert not api.resources.cache.breaker.is_open
+
+
+# -- every table a report reads invalidates it (issue 15, item 5) ------------------------------
+
+
+def _names(items: list[dict[str, Any]], field: str) -> list[str]:
+    return sorted(str(item[field]) for item in items)
+
+
+# change -> (report, what of the body it changes, SQL, expected before/after per scope)
+TABLE_CHANGES: dict[str, tuple[str, Any, str, dict[str, tuple[Any, Any]]]] = {
+    "service renamed": (
+        "dashboard",
+        lambda body: _names(body["top_services"], "name"),
+        "UPDATE services SET name = 'Cut & Style' WHERE id = %(cut)s",
+        {
+            "lisbon": (["Cut"], ["Cut & Style"]),
+            "platform": (["Cut", "Manicure"], ["Cut & Style", "Manicure"]),
+        },
+    ),
+    "service category changed": (
+        "bookings",
+        lambda body: _names(body["by_category"], "category"),
+        "UPDATE services SET category = 'styling' WHERE id = %(cut)s",
+        {
+            "lisbon": (["hair"], ["styling"]),
+            "platform": (["hair", "nails"], ["nails", "styling"]),
+        },
+    ),
+    "professional renamed": (
+        "professionals",
+        lambda body: _names(body["items"], "name"),
+        "UPDATE professionals SET name = 'Ana Maria' WHERE id = %(pro_lisbon)s",
+        {
+            "lisbon": (["Ana", "Idle"], ["Ana Maria", "Idle"]),
+            "platform": (["Ana", "Idle", "Nia"], ["Ana Maria", "Idle", "Nia"]),
+        },
+    ),
+    "professional deactivated": (
+        "professionals",
+        lambda body: _names(body["items"], "name"),
+        "UPDATE professionals SET is_active = false WHERE id = %(idle)s",
+        {
+            "lisbon": (["Ana", "Idle"], ["Ana"]),
+            "platform": (["Ana", "Idle", "Nia"], ["Ana", "Nia"]),
+        },
+    ),
+    "salon time zone changed": (
+        "dashboard",
+        lambda body: body["meta"]["timezone"],
+        "UPDATE salons SET timezone = 'Asia/Tokyo' WHERE id = %(lisbon)s",
+        {"lisbon": ("Europe/Lisbon", "Asia/Tokyo")},  # platform-wide reports are in UTC
+    ),
+}
+
+
+@pytest.mark.parametrize("change", list(TABLE_CHANGES))
+async def test_a_change_to_any_table_a_report_reads_invalidates_it(
+    api: Api, data: dict[str, int], db: psycopg.Connection, change: str
+) -> None:
+    """Services, professionals and salons invalidate like bookings: through the change
+    stream, the salon's cached reports and the platform-wide ones (the salon's time zone,
+    looked up once a minute at most, with them)."""
+    report, view, statement, expected = TABLE_CHANGES[change]
+    idle = add_professional(db, data["lisbon"], "Idle")  # no bookings: shown while active
+    await settled(api)
+    scopes = {"lisbon": {"salon_id": data["lisbon"]}, "platform": {}}
+    for scope, (before, _) in expected.items():
+        await api.report(report, **scopes[scope])
+        cached = await api.report(report, **scopes[scope])
+        assert cached.headers["x-cache"] == "HIT"
+        assert view(cached.json()) == before, scope
+    db.execute(statement, {**data, "idle": idle})
+    await settled(api)
+    for scope, (_, after) in expected.items():
+        response = await api.report(report, **scopes[scope])
+        assert response.headers["x-cache"] == "MISS", scope
+        assert view(response.json()) == after, scope

@@ -88,7 +88,11 @@ class ReportService:
         self.pool = pool or PoolGauges("read", lambda: (0, 0, 0))
         self.stats = stats
         self.stream = stream if stream is not None else StreamStatus()
+        # Salon time zones, looked up once a minute at most, and forgotten as soon as a change
+        # to the salon is announced (a lookup that began before it does not store its answer).
         self._timezones: dict[int, tuple[str, float]] = {}
+        self._timezone_generation = 0
+        cache.on_announce(self._forget_timezones)
         # Requests queue for a connection here, first come first served, rather than in the
         # pool, whose waiters are woken in no particular order: under a burst of misses the
         # pool let some requests wait past the timeout while later ones went through.
@@ -131,12 +135,22 @@ class ReportService:
         now = time.monotonic()
         if known is not None and known[1] > now:
             return Scope(salon_id, known[0])
+        generation = self._timezone_generation
         async with self._connection() as connection:
             timezone = await queries.salon_timezone(connection, salon_id)
         if timezone is None:
             raise APIError(404, "salon_not_found", f"there is no salon {salon_id}")
-        self._timezones[salon_id] = (timezone, now + SALON_TIMEZONE_TTL)
+        if generation == self._timezone_generation:
+            self._timezones[salon_id] = (timezone, now + SALON_TIMEZONE_TTL)
         return Scope(salon_id, timezone)
+
+    def _forget_timezones(self, salon_ids: set[int] | None) -> None:
+        self._timezone_generation += 1
+        if salon_ids is None:
+            self._timezones.clear()
+        else:
+            for salon_id in salon_ids:
+                self._timezones.pop(salon_id, None)
 
     def today(self, scope: Scope) -> date:
         return local_today(scope.timezone)
@@ -151,6 +165,9 @@ class ReportService:
     ) -> Outcome:
         # Neither computed nor cached figures are current while the stream is not.
         self.stream.require_current()
+        # The time zone is in the key: a request that resolved the salon's zone just before
+        # the zone changed must not store its answer where requests after the change look.
+        params = {**params, "timezone": scope.timezone}
         key = build_key(report, scope.salon_id, principal.scope_key, params)
         return await self.cache.fetch(key, self.settings.cache_ttl(report), compute)
 
