@@ -605,3 +605,66 @@ async def test_a_change_to_any_table_a_report_reads_invalidates_it(
         response = await api.report(report, **scopes[scope])
         assert response.headers["x-cache"] == "MISS", scope
         assert view(response.json()) == after, scope
+
+
+# -- HTTP caching (issue 15, item 6) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "{etag}",
+        "W/{etag}",  # what a proxy that compresses makes of it (nginx gzip)
+        '"something-else", {etag}',
+        '"something-else",W/{etag}',
+        '  {etag} ,\t"x"',
+        "*",
+    ],
+)
+async def test_if_none_match_uses_the_weak_comparison(
+    api: Api, data: dict[str, int], header: str
+) -> None:
+    """RFC 9110 section 13.1.2: If-None-Match compares weakly, takes a list, and "*"."""
+    first = await api.report("dashboard", salon_id=data["lisbon"])
+    etag = first.headers["etag"]
+    response = await api.get(
+        f"{PREFIX}/dashboard",
+        api.token(),
+        params={"salon_id": data["lisbon"]},
+        headers={"If-None-Match": header.format(etag=etag)},
+    )
+    assert response.status_code == 304
+    assert response.headers["etag"] == etag
+
+
+@pytest.mark.parametrize("header", ['W/"something-else"', '"something-else", W/"other"', "W/"])
+async def test_if_none_match_with_other_tags_gets_the_body(
+    api: Api, data: dict[str, int], header: str
+) -> None:
+    response = await api.get(
+        f"{PREFIX}/dashboard",
+        api.token(),
+        params={"salon_id": data["lisbon"]},
+        headers={"If-None-Match": header},
+    )
+    assert response.status_code == 200
+    assert response.json()["meta"]["salon_id"] == data["lisbon"]
+
+
+@pytest.mark.parametrize("report", ["dashboard", "bookings", "professionals", "realtime"])
+async def test_report_responses_vary_by_authorization(
+    api: Api, data: dict[str, int], report: str
+) -> None:
+    """A private response depends on who asks: a browser shared by an admin and an owner must
+    not answer one's request with the other's copy."""
+    response = await api.report(report, salon_id=data["lisbon"])
+    assert response.status_code == 200
+    assert "authorization" in response.headers["vary"].lower()
+    again = await api.get(
+        f"{PREFIX}/{report}",
+        api.token(),
+        params={"salon_id": data["lisbon"]},
+        headers={"If-None-Match": response.headers["etag"]},
+    )
+    if again.status_code == 304:  # realtime's body changes with the second of `as_of`
+        assert "authorization" in again.headers["vary"].lower()

@@ -256,6 +256,9 @@ def report_response(
         "ETag": entry.etag,
         "Cache-Control": f"private, max-age={max_age}",
         "X-Cache": outcome.result.header,
+        # The body depends on who asks (role and salons in the token): a shared browser cache
+        # must not answer one user's request with another's copy.
+        "Vary": "Authorization",
         "Server-Timing": (
             f"cache;dur={outcome.cache_ms:.1f}, db;dur={outcome.compute_ms:.1f}, "
             f"total;dur={total_ms:.1f}"
@@ -269,9 +272,17 @@ def report_response(
     return Response(entry.body, media_type="application/json", headers=headers)
 
 
+ENTITY_TAG = re.compile(r'(?:W/)?"([^"]*)"')
+
+
 def _etag_matches(header: str, etag: str) -> bool:
-    candidates = {part.strip() for part in header.split(",")}
-    return "*" in candidates or etag in candidates
+    """``If-None-Match`` against our (strong) ETag with the weak comparison (RFC 9110 13.1.2):
+    ``*``, or any listed tag whose opaque part equals ours, ``W/`` or not. A proxy that
+    compresses the body may turn the ETag weak (nginx does); the client sends that back."""
+    if header.strip() == "*":
+        return True
+    opaque = etag.removeprefix("W/")
+    return any(f'"{tag}"' == opaque for tag in ENTITY_TAG.findall(header))
 
 
 @router.get(
