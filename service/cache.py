@@ -59,7 +59,7 @@ from opentelemetry import trace
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from service.errors import DatabaseUnavailable
+from service.errors import CacheUnavailable, DatabaseUnavailable
 from telemetry import attributes as attr
 
 logger = logging.getLogger("service.cache")
@@ -731,10 +731,20 @@ class ReportCache:
             self.local.drop(tag, report)
 
     async def clear(self, report: str | None = None, salon_id: int | None = None) -> int:
-        """The admin clear: one salon's entries (of one report or all), else every salon's."""
-        if salon_id is not None:
-            return await self.invalidate(salon_id, report)
-        return await self.clear_all(report)
+        """The admin clear: one salon's entries (of one report or all), else every salon's.
+
+        Through the circuit breaker: ``CacheUnavailable`` (503) when Redis cannot be reached,
+        at once while the breaker is open. Local copies are dropped in any case.
+        """
+        if self.redis is not None and not self.breaker.allow():
+            self.forget_local(None if salon_id is None else scope_tag(salon_id), report)
+            raise CacheUnavailable(self.breaker.cooldown)
+        try:
+            if salon_id is not None:
+                return await self.invalidate(salon_id, report)
+            return await self.clear_all(report)
+        except (TimeoutError, RedisError, OSError) as error:
+            raise CacheUnavailable(self.breaker.cooldown) from error
 
     async def clear_all(self, report: str | None = None) -> int:
         """Delete every epoch (of one report, if given) and unlink every entry, by ``SCAN``.

@@ -8,6 +8,7 @@ then goes on up, for the server span to record it and for Starlette to log it.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import orjson
@@ -43,6 +44,18 @@ class DatabaseUnavailable(APIError):
             "database_unavailable",
             message,
             {"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
+        )
+
+
+class CacheUnavailable(APIError):
+    """An operation on the cache itself (the admin clear) while Redis cannot be reached."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(
+            503,
+            "cache_unavailable",
+            "the cache (Redis) cannot be reached, so it was not cleared; retry shortly",
+            {"Retry-After": str(max(1, math.ceil(retry_after)))},
         )
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import psycopg
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -11,6 +14,7 @@ from service.config import Settings
 from service.db import async_engine
 from tests.conftest import RunningApi, app_settings
 from tests.factories import small_dataset
+from tests.support import redis_process
 
 
 def lock_keys(url: str) -> list[str]:
@@ -69,3 +73,33 @@ async def test_cached_answers_outlive_a_database_outage_that_drops_the_listener(
             await reports.engine.dispose()
             reports.engine = healthy
             api.resources.cache.listener_healthy = True
+
+
+async def test_cache_clear_with_redis_down_is_a_clean_503(
+    base_settings: Settings, database_url: str, db: psycopg.Connection
+) -> None:
+    """Through the circuit breaker like every other Redis call: a 503 with Retry-After, at once
+    while the breaker is open, and a 200 again once Redis is back."""
+    small_dataset(db)
+    with redis_process() as server:
+        settings = app_settings(
+            base_settings, database_url, server.url, redis_timeout=0.5, redis_breaker_cooldown=0.5
+        )
+        async with RunningApi(settings) as api:
+            headers = {"Authorization": f"Bearer {api.token()}"}
+            url = "/api/v1/optimized-reports/cache/clear"
+            server.kill()
+            for body in ({}, {"salon_id": 1}, {"report": "dashboard"}, {}, {}, {}):
+                response = await api.http.post(url, json=body, headers=headers)
+                assert response.status_code == 503, response.text
+                assert response.json()["error"]["code"] == "cache_unavailable"
+                assert response.headers["retry-after"].isdigit()
+            assert api.resources.cache.breaker.is_open
+            started = time.monotonic()
+            response = await api.http.post(url, json={}, headers=headers)
+            assert response.status_code == 503
+            assert time.monotonic() - started < 0.4  # no Redis call while the breaker is open
+            server.start()
+            await asyncio.sleep(0.6)  # past the cooldown: the next clear is the probe
+            response = await api.http.post(url, json={}, headers=headers)
+            assert response.status_code == 200, response.text
