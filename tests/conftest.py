@@ -88,13 +88,15 @@ def create_database(admin_dsn: str, name: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def database_url(base_settings: Settings, admin_dsn: str) -> str:
+def database_url(base_settings: Settings, admin_dsn: str) -> Iterator[str]:
     """SQLAlchemy URL of the test database, migrated to head once per session."""
     name = f"salon_reports_test_{_worker_suffix()}"
     create_database(admin_dsn, name)
     url = with_database(base_settings.database_url, name)
     migrate(url)
-    return url
+    yield url
+    # An idle slot would keep the cluster's WAL until the next session drops the database.
+    drop_database(admin_dsn, name)
 
 
 @pytest.fixture(scope="session")

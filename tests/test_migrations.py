@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import psycopg
 import pytest
 
 from service.config import Settings
 from service.db import downgrade, libpq_url, migrate, with_database
 from service.seed import seed_database
-from tests.conftest import create_database, settle_stream
+from tests.conftest import _worker_suffix, create_database, drop_database, settle_stream
 from tests.reports.test_rollups import assert_rollups_exact
 
 NAMED_INDEXES = {
@@ -47,10 +49,11 @@ def _schema(dsn: str) -> tuple[set[str], set[str], set[str]]:
 
 
 @pytest.fixture
-def scratch_url(base_settings: Settings, admin_dsn: str) -> str:
-    name = "salon_reports_migration_test"
+def scratch_url(base_settings: Settings, admin_dsn: str) -> Iterator[str]:
+    name = f"salon_reports_migration_{_worker_suffix()}"
     create_database(admin_dsn, name)
-    return with_database(base_settings.database_url, name)
+    yield with_database(base_settings.database_url, name)
+    drop_database(admin_dsn, name)  # and its slot, which would keep the cluster's WAL
 
 
 def test_upgrade_creates_everything_and_downgrade_removes_it(scratch_url: str) -> None:

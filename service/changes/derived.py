@@ -15,10 +15,11 @@ Every derived table is defined here twice over: how to fold a batch of booking c
   visit days moved lose their old pairs and gain their new ones, both read from
   ``client_visit_days`` in the same transaction, so the pairs always match the days.
 - First bookings (``client_first_bookings``, ``salon_client_first_bookings``,
-  ``professional_client_first_bookings``): the earliest ``scheduled_at`` per key, recomputed
-  from ``bookings`` for every key a batch touches. A recomputation is idempotent and sees every
-  commit up to its own snapshot; a change committed later reaches the consumer in a later
-  batch and recomputes the key again, so the last recomputation of each key is exact.
+  ``professional_client_first_bookings``): the earliest ``scheduled_at`` per key. A new version
+  earlier than the stored one replaces it; a key that lost the version holding its first
+  booking is recomputed from ``bookings``. A recomputation sees every commit up to its own
+  snapshot; a change committed later reaches the consumer in a later batch and is applied
+  again the same way, so each key is exact once the stream has caught up.
 
 Platform-wide figures use the UTC calendar (SPEC §5).
 """
@@ -115,7 +116,12 @@ FOLD_VISITS = (
         SELECT client_id, {UTC_DAY} AS day, sum(sign)::int AS bookings
         FROM ({BOOKING_ROWS}) AS b GROUP BY 1, 2 HAVING sum(sign) <> 0
     ),
-    moved AS (SELECT DISTINCT client_id FROM delta),
+    moved AS (  -- clients with a day that appears or disappears; the others keep their pairs
+        SELECT DISTINCT delta.client_id FROM delta
+        LEFT JOIN client_visit_days AS held
+            ON held.client_id = delta.client_id AND held.day = delta.day
+        WHERE (coalesce(held.bookings, 0) > 0) <> (coalesce(held.bookings, 0) + delta.bookings > 0)
+    ),
     before AS (
         SELECT client_id, day, bookings FROM client_visit_days
         WHERE client_id IN (SELECT client_id FROM moved)
@@ -123,7 +129,11 @@ FOLD_VISITS = (
     after AS (
         SELECT client_id, day FROM (
             SELECT client_id, day, sum(bookings) AS bookings
-            FROM (SELECT * FROM before UNION ALL SELECT * FROM delta) AS both_days
+            FROM (
+                SELECT * FROM before
+                UNION ALL
+                SELECT * FROM delta WHERE client_id IN (SELECT client_id FROM moved)
+            ) AS both_days
             GROUP BY 1, 2
         ) AS summed WHERE bookings > 0
     ),
@@ -168,15 +178,31 @@ RECOMPUTE_VISIT_PAIRS = f"""
 # -- first bookings ------------------------------------------------------------------------------
 
 
-def fold_first(table: str) -> str:
-    """Recompute the first booking of every key the batch touches (old or new version)."""
+def fold_first(table: str) -> tuple[str, str]:
+    """Two statements: a new version earlier than the key's first booking becomes it; then the
+    keys that lost the version holding their first booking (or never had one) are recomputed
+    from ``bookings``. The second reads the table as it is now, which may already hold later
+    changes; each of those comes in a later batch and is applied the same way, so the stored
+    first booking is exact once the stream has caught up."""
     keys = FIRSTS[table]
     columns = ", ".join(keys)
     on_table = " AND ".join(f"f.{key} = r.{key}" for key in keys)
     on_bookings = " AND ".join(f"b.{key} = a.{key}" for key in keys)
-    return f"""
+    on_removed = " AND ".join(f"f.{key} = o.{key}" for key in keys)
+    earlier = f"""
+        INSERT INTO {table} AS t ({columns}, first_at)
+        SELECT {columns}, min(scheduled_at) FROM ({BOOKING_ROWS} AND sign = 1) AS n
+        GROUP BY {columns}
+        ORDER BY {columns}
+        ON CONFLICT ({columns}) DO UPDATE SET first_at = EXCLUDED.first_at
+            WHERE EXCLUDED.first_at < t.first_at
+    """
+    recount = f"""
         WITH affected AS (
-            SELECT DISTINCT {columns} FROM ({BOOKING_ROWS}) AS changed
+            SELECT DISTINCT {columns} FROM ({BOOKING_ROWS} AND sign = -1) AS o
+            WHERE NOT EXISTS (
+                SELECT FROM {table} f WHERE {on_removed} AND f.first_at < o.scheduled_at
+            )
         ),
         recomputed AS (
             SELECT a.*, (SELECT min(b.scheduled_at) FROM bookings b WHERE {on_bookings})
@@ -192,6 +218,7 @@ def fold_first(table: str) -> str:
         ON CONFLICT ({columns}) DO UPDATE SET first_at = EXCLUDED.first_at
             WHERE t.first_at IS DISTINCT FROM EXCLUDED.first_at  -- most changes keep it
     """
+    return earlier, recount
 
 
 def recompute_first(table: str) -> str:

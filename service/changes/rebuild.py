@@ -72,12 +72,18 @@ async def rebuild_on(
         for name in {slot, previous} - {None}:
             assert name is not None
             await drop_slot(connection, name)
-        row = await (
-            await connection.execute(
-                "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, %s)",
-                (slot, PLUGIN),
-            )
-        ).fetchone()
+        # Creating a logical slot waits until every transaction running in the cluster (any
+        # database) has ended: as long as that takes, not the session's lock_timeout.
+        await connection.execute("SET lock_timeout = 0")
+        try:
+            row = await (
+                await connection.execute(
+                    "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, %s)",
+                    (slot, PLUGIN),
+                )
+            ).fetchone()
+        finally:
+            await connection.execute("RESET lock_timeout")
         assert row is not None
         slot_lsn = row[0]
         if slot_created is not None:

@@ -54,6 +54,8 @@ class ReplicationStream:
         self.connect_args = connect
         self.connection: psycopg.AsyncConnection[Any] | None = None
         self.flushed = start_lsn
+        # How far the server has decoded: every relevant commit before it has been sent. Set
+        # from keepalives (the walsender's position) and XLogData (each message's own LSN).
         self.wal_end = start_lsn
         self._status_at = 0.0
 
@@ -147,17 +149,20 @@ class ReplicationStream:
                 if reply:
                     await self.send_status()
 
-    async def send_status(self, flushed: int | None = None) -> None:
-        """Tell the server what is safely applied (it may release the WAL before it)."""
+    async def send_status(self, flushed: int | None = None, *, reply: bool = False) -> None:
+        """Tell the server what is safely applied (it may release the WAL before it); with
+        ``reply``, ask for a keepalive back (it carries how far the server has decoded)."""
         if flushed is not None:
             self.flushed = max(self.flushed, flushed)
         now = int((time.time() - _EPOCH_2000) * 1_000_000)
-        message = _STATUS.pack(b"r", self.flushed, self.flushed, self.flushed, now, 0)
+        message = _STATUS.pack(b"r", self.flushed, self.flushed, self.flushed, now, int(reply))
         if self.pgconn.put_copy_data(message) != 1:
             raise ReplicationError("could not send the standby status")
         await self._flush()
         self._status_at = time.monotonic()
 
-    async def status_if_due(self, every: float = 10.0) -> None:
+    async def status_if_due(self, every: float = 2.0) -> None:
+        """While idle: report the position and ask how far the server got, so that WAL of
+        other databases and of other tables does not pile up behind this slot."""
         if time.monotonic() - self._status_at >= every:
-            await self.send_status()
+            await self.send_status(reply=True)

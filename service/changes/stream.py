@@ -360,11 +360,12 @@ class Folder:
         batch = Batch()
         pending: list[tuple[Any, ...]] = []  # the open transaction's rows
         xid, committed_at, skipping = 0, None, False
+        in_transaction = False  # between a B and its C
         while not stopping.is_set():
-            waiting = batch.rows or pending
+            waiting = batch.rows or in_transaction
             message = await stream.read(self.quiet if waiting else self.idle_poll)
             if message is None:
-                if not pending:
+                if not in_transaction:
                     await self._close(stream, batch, on_batch)
                     batch = Batch()
                 continue
@@ -375,8 +376,10 @@ class Folder:
                 xid, committed_at = int(change["xid"]), change.get("timestamp")
                 skipping = skip is not None and skip.saw(xid)
                 pending = []
+                in_transaction = True
                 continue
             if action == "C":
+                in_transaction = False
                 if pending:
                     if not batch.rows:
                         batch.started = time.monotonic()
@@ -428,8 +431,17 @@ class Folder:
         batch: Batch,
         on_batch: Callable[[Batch], None] | None,
     ) -> None:
-        """Fold the batch (if there is one) or record an idle position (if it is due)."""
+        """Fold the batch (if there is one) or record an idle position (if it is due).
+
+        Called only between transactions, with every message received so far handled: when
+        the batch is empty, no relevant commit before the server's decoded position
+        (``stream.wal_end``) is left, so the position may move there. Without this an idle
+        database on a busy cluster would never confirm the WAL other databases write, and its
+        slot would hold it (PostgreSQL's own subscriber does the same).
+        """
         end = batch.end
+        if not batch.rows:
+            end = max(end or 0, stream.wal_end)
         if end is None or end <= self.applied:
             return
         if not batch.rows:
@@ -502,7 +514,8 @@ class Folder:
                 await execute(statement)
             await self._wait_visible()
             for table in derived.FIRSTS:
-                await execute(derived.fold_first(table))
+                for statement in derived.fold_first(table):
+                    await execute(statement)
         row = await (
             await execute(
                 f"""

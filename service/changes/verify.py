@@ -40,8 +40,11 @@ async def _differences(connection: psycopg.AsyncConnection[Any]) -> set[Differen
                     ("extra", stored, expected),
                     ("missing", expected, stored),
                 ):
-                    cursor = await connection.execute(f"({first}) EXCEPT ({second})")
-                    found.update(Difference(table, kind, tuple(r)) for r in await cursor.fetchall())
+                    # as JSON text: dates such as '-infinity' have no Python value
+                    cursor = await connection.execute(
+                        f"SELECT to_jsonb(d)::text FROM (({first}) EXCEPT ({second})) AS d"
+                    )
+                    found.update(Difference(table, kind, (r[0],)) for r in await cursor.fetchall())
     finally:
         await connection.set_isolation_level(saved)
     return found
