@@ -22,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import date
 from typing import Any
 
@@ -34,32 +33,13 @@ from service.changes.rebuild import rebuild, rebuild_on
 from service.changes.stream import APPLY_LOCK, Position, State
 from service.changes.verify import verify
 from service.config import Settings
-from service.db import libpq_url, migrate, with_database
-from service.seed import seed_database
 from tests.conftest import (
     Api,
     RunningApi,
-    _worker_suffix,
     app_settings,
-    create_database,
-    drop_database,
 )
 
 PLATFORM = {"start": "2026-01-01", "end": "2026-12-31"}
-
-
-@pytest.fixture
-def private(base_settings: Settings, admin_dsn: str) -> Iterator[tuple[str, str]]:
-    """A database of its own (URL, DSN), migrated and seeded: no other consumer on it."""
-    name = f"salon_reports_stream_{_worker_suffix()}"
-    create_database(admin_dsn, name)
-    url = with_database(base_settings.database_url, name)
-    migrate(url)
-    seed_database(url, bookings=3_000, salons=4, days=60, seed=3)
-    try:
-        yield url, libpq_url(url)
-    finally:
-        drop_database(admin_dsn, name)
 
 
 class Writer:
