@@ -147,6 +147,9 @@ class InvalidationListener:
             try:
                 pgconn.consume_input()
             except psycopg.OperationalError:
+                # libpq has closed the socket: its number may be handed to the next connection
+                # anyone opens, before this loop gets to run; stop watching it now.
+                loop.remove_reader(fd)
                 self._broken = True
                 self._wake.set()
                 return
