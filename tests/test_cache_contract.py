@@ -19,7 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
+import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,7 +37,7 @@ from service.config import Settings
 from service.db import async_engine
 from service.reports import queries
 from tests.conftest import Api, RunningApi, app_settings
-from tests.factories import add_booking, small_dataset
+from tests.factories import add_booking, add_professional, add_salon, add_service, small_dataset
 from tests.support import RedisProcess, redis_process
 
 REPORTS = ("dashboard", "bookings", "professionals")
@@ -426,3 +430,237 @@ async def test_an_invalidated_entry_is_not_served_while_the_database_is_down(
         await reports.engine.dispose()
         reports.engine = healthy
         api.resources.cache.listener_healthy = True
+
+
+# -- everything at once: the contract checked on every answer ------------------------------
+
+
+@dataclass
+class History:
+    """What the writer did, and what each worker has been told of."""
+
+    views: dict[str, list[Any]]  # scope -> the view of its dashboard after 0, 1, 2 … writes
+    committed: list[float] = field(default_factory=list)  # when write i+1 had committed
+    begun: int = 0  # writes begun (a response may show one that commits while it is made)
+    told: dict[int, list[tuple[float, int]]] = field(default_factory=dict)  # worker -> settles
+
+    def required(self, worker: int, started: float) -> int:
+        """Writes the worker had been told of (folded, notified, applied) before ``started``."""
+        done = [count for at, count in self.told.get(worker, []) if at < started]
+        return max(done, default=0)
+
+
+def dashboard_view(body: dict[str, Any]) -> tuple[int, list[str]]:
+    return int(body["bookings_total"]), sorted(item["name"] for item in body["top_services"])
+
+
+def planned_views(writes: list[tuple[str, str]]) -> dict[str, list[Any]]:
+    """Each scope's dashboard view after each prefix of ``writes`` (``quiet`` is never
+    written: its entries grow old enough to be served STALE)."""
+    counts = {"lisbon": 4, "newyork": 2, "quiet": 1}
+    names = {"lisbon": "Cut", "newyork": "Manicure", "quiet": "Wash"}
+    views: dict[str, list[Any]] = {"lisbon": [], "newyork": [], "quiet": [], "platform": []}
+
+    def snapshot() -> None:
+        for salon in ("lisbon", "newyork", "quiet"):
+            views[salon].append((counts[salon], [names[salon]]))
+        views["platform"].append((sum(counts.values()), sorted(names.values())))
+
+    snapshot()
+    for number, (kind, salon) in enumerate(writes, start=1):
+        if kind == "book":
+            counts[salon] += 1
+        else:
+            names[salon] = f"{'Cut' if salon == 'lisbon' else 'Manicure'} v{number}"
+        snapshot()
+    return views
+
+
+async def test_randomized_writes_reads_evictions_and_reconnects_keep_the_contract(
+    base_settings: Settings,
+    database_url: str,
+    data: dict[str, int],
+    db: psycopg.Connection,
+    dsn: str,
+    redis_url: str,
+) -> None:
+    """Two workers; one writer (bookings and service renames, one transaction each); readers
+    on both workers; Redis keys deleted at random, the database flushed now and then, listener
+    connections cut, admin clears; entries expiring every second (STALE and refreshes). Every
+    answer must show at least every write its worker had been told of before the request
+    began, whatever its X-Cache, and nothing the writer had not begun."""
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    quiet = add_salon(db, "Quiet", "Asia/Tokyo")
+    add_booking(
+        db,
+        salon_id=quiet,
+        client_id=data["alice"],
+        professional_id=add_professional(db, quiet, "Quinn"),
+        service_id=add_service(db, quiet, "Wash", "hair"),
+        scheduled_at=datetime.now(UTC) - timedelta(days=3),
+    )
+    writes = [
+        (rng.choice(["book", "book", "rename"]), rng.choice(["lisbon", "newyork"]))
+        for _ in range(60)
+    ]
+    history = History(planned_views(writes))
+    settings = app_settings(
+        base_settings,
+        database_url,
+        redis_url,
+        cache_ttl_dashboard=1,
+        cache_stale_grace=30,
+        pool_timeout=15.0,
+    )
+    scopes = {
+        "lisbon": data["lisbon"],
+        "newyork": data["newyork"],
+        "quiet": quiet,
+        "platform": None,
+    }
+    served: Counter[str] = Counter()
+    behind: dict[str, float] = {}
+    failures: list[str] = []
+    async with RunningApi(settings) as one, RunningApi(settings) as two:
+        workers = [one, two]
+        for worker in workers:
+            await settled(worker)
+        done = asyncio.Event()
+
+        async def write() -> None:
+            try:
+                async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as db:
+                    for number, (kind, salon) in enumerate(writes, start=1):
+                        await asyncio.sleep(rng.uniform(0, 0.15))
+                        history.begun = number
+                        if kind == "book":
+                            await db.execute(
+                                "INSERT INTO bookings (salon_id, client_id, professional_id,"
+                                " service_id, scheduled_at, status, price_cents, completed_at)"
+                                " VALUES (%s, %s, %s, %s, now() - interval '1 hour', 'completed',"
+                                " 1000, now() - interval '1 hour')",
+                                (
+                                    data[salon],
+                                    data["bob"],
+                                    data[f"pro_{salon}"],
+                                    data["cut" if salon == "lisbon" else "nails"],
+                                ),
+                            )
+                        else:
+                            name = f"{'Cut' if salon == 'lisbon' else 'Manicure'} v{number}"
+                            service = data["cut" if salon == "lisbon" else "nails"]
+                            await db.execute(
+                                "UPDATE services SET name = %s WHERE id = %s", (name, service)
+                            )
+                        history.committed.append(time.monotonic())
+            finally:
+                done.set()
+
+        async def tell(index: int) -> None:
+            """Record, again and again, how many writes this worker has been told of."""
+            listener = workers[index].resources.listener
+            assert listener is not None
+            while True:
+                count = len(history.committed)
+                try:
+                    await listener.settle(timeout=2.0)
+                except TimeoutError:
+                    continue  # the connection was cut meanwhile: the marker went with it
+                history.told.setdefault(index, []).append((time.monotonic(), count))
+                if done.is_set() and count == len(history.committed):
+                    return
+
+        async def read(reader: int) -> None:
+            reader_rng = random.Random(seed + reader)
+            made = 0
+            while not done.is_set() or made < 60:  # at least 60 answers each
+                made += 1
+                index = reader_rng.randrange(2)
+                scope = reader_rng.choice(list(scopes))
+                started = time.monotonic()
+                required = history.required(index, started)
+                params = {} if scopes[scope] is None else {"salon_id": scopes[scope]}
+                response = await workers[index].report("dashboard", **params)
+                if response.status_code != 200:
+                    failures.append(f"{response.status_code} {response.text}")
+                    continue
+                cache = response.headers["x-cache"]
+                served[cache] += 1
+                view = dashboard_view(response.json())
+                # Each figure on its own: platform-wide counts come from the rollups, which
+                # the stream folds, and names from the services table, which it does not.
+                newest = len(history.views[scope])
+                for part, value in enumerate(view):
+                    shown = [n for n, v in enumerate(history.views[scope]) if v[part] == value]
+                    allowed = [n for n in shown if required <= n <= history.begun]
+                    if not allowed:
+                        failures.append(
+                            f"worker {index} {scope} {cache}: showed {value} (after writes"
+                            f" {shown}), told of {required}, {history.begun} begun"
+                        )
+                        newest = -1
+                        break
+                    newest = min(newest, max(allowed))
+                if 0 <= newest < len(history.committed):  # it missed write newest + 1
+                    late = started - history.committed[newest]
+                    if late > 0:
+                        behind[cache] = max(behind.get(cache, 0.0), late)
+                await asyncio.sleep(reader_rng.uniform(0, 0.03))
+
+        async def disturb() -> None:
+            client = Redis.from_url(redis_url)
+            try:
+                while not done.is_set():
+                    await asyncio.sleep(rng.uniform(0.1, 0.6))
+                    action = rng.choices(
+                        ["delete", "flush", "reconnect", "clear"], weights=[88, 4, 4, 4]
+                    )[0]
+                    if action == "delete":  # the quiet salon's keys are spared: they go STALE
+                        names = [
+                            name
+                            async for name in client.scan_iter(match=f"{NAMESPACE}:*")
+                            if scope_tag(quiet).encode() not in name
+                        ]
+                        if names:
+                            await client.delete(
+                                *rng.sample(names, min(len(names), rng.randint(1, 2)))
+                            )
+                    elif action == "flush":
+                        await client.flushdb()
+                    elif action == "reconnect":
+                        listener = rng.choice(workers).resources.listener
+                        assert listener is not None
+                        await listener.drop_connection()
+                    else:
+                        worker = rng.choice(workers)
+                        response = await worker.http.post(
+                            "/api/v1/optimized-reports/cache/clear",
+                            headers={"Authorization": f"Bearer {worker.token()}"},
+                        )
+                        assert response.status_code == 200, response.text
+            finally:
+                await client.aclose()
+
+        tasks = [write(), tell(0), tell(1), disturb(), *[read(n) for n in range(4)]]
+        await asyncio.wait_for(asyncio.gather(*tasks), 240)
+
+        # Everything told: every answer now is the final state, however it is served.
+        for worker in workers:
+            await settled(worker)
+        for index, worker in enumerate(workers):
+            for scope, salon in scopes.items():
+                params = {} if salon is None else {"salon_id": salon}
+                for _ in range(2):
+                    response = await worker.report("dashboard", **params)
+                    view = dashboard_view(response.json())
+                    assert view == history.views[scope][-1], (seed, index, scope)
+    print(
+        f"seed {seed}: served {dict(served)}; longest behind a committed write, by X-Cache, "
+        f"in seconds (all within what the workers had been told): "
+        f"{ {k: round(v, 3) for k, v in behind.items()} }"
+    )
+    assert not failures, (seed, failures[:10])
+    assert sum(served.values()) >= 200, served
+    assert served["HIT"] > 0
+    assert served["MISS"] > 0
