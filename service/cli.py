@@ -188,7 +188,7 @@ def follow() -> None:
         consumer = ChangeConsumer(_dsn())
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, consumer._stopping.set)
+            loop.add_signal_handler(signum, consumer.request_stop)
         await consumer.run()
 
     asyncio.run(run())

@@ -129,7 +129,7 @@ class BackgroundConsumer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.consumer._stopping.set)
+        self.loop.call_soon_threadsafe(self.consumer.request_stop)
         self.thread.join(timeout=10)
         if not self.thread.is_alive():
             self.loop.close()

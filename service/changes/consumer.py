@@ -179,6 +179,10 @@ class ChangeConsumer:
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="change-stream-consumer")
 
+    def request_stop(self) -> None:
+        """Ask ``run`` to return (from a signal handler or another thread's loop call)."""
+        self._stopping.set()
+
     async def stop(self) -> None:
         """Stop folding. Cancelling mid-batch is safe: a batch whose transaction did not
         commit comes again from the recorded position."""

@@ -41,7 +41,7 @@ import orjson
 import psycopg
 
 from service.changes import derived
-from service.changes.replication import ReplicationError, ReplicationStream
+from service.changes.replication import ReplicationError, ReplicationStream, format_lsn
 
 logger = logging.getLogger("service.changes")
 
@@ -473,7 +473,7 @@ class Folder:
                         for ordinal, row in enumerate(batch.rows):
                             await copy.write_row((ordinal, *row[1:]))
                     await self._fold(batch)
-                lsn = f"{end >> 32:X}/{end & 0xFFFFFFFF:X}"
+                lsn = format_lsn(end)
                 await connection.execute(
                     """
                     UPDATE change_stream_position SET
