@@ -40,9 +40,18 @@ DASHBOARD_ROUTE = f"GET {PREFIX}/dashboard"
 
 
 @pytest.fixture
-def data(db: psycopg.Connection, clean_db: str) -> dict[str, int]:
+async def data(
+    db: psycopg.Connection, clean_db: str, request: pytest.FixtureRequest
+) -> dict[str, int]:
+    """The small dataset, folded by the change stream and, when the test runs an app, its
+    notifications handled by the app's listener (so none lands in the middle of the test)."""
     dataset = small_dataset(db)
-    settle_stream(clean_db)  # the derived tables (first bookings, rollups) follow
+    if "api" in request.fixturenames:
+        listener = request.getfixturevalue("api").resources.listener
+        assert listener is not None
+        await listener.settle()
+    else:
+        await asyncio.to_thread(settle_stream, clean_db)
     return dataset
 
 
