@@ -91,7 +91,7 @@ class ReportService:
         # Salon time zones, looked up once a minute at most, and forgotten as soon as a change
         # to the salon is announced (a lookup that began before it does not store its answer).
         self._timezones: dict[int, tuple[str, float]] = {}
-        self._timezone_generation = 0
+        self._timezone_changes: dict[int | None, int] = {}  # salon (None: all) -> changes seen
         cache.on_announce(self._forget_timezones)
         # Requests queue for a connection here, first come first served, rather than in the
         # pool, whose waiters are woken in no particular order: under a burst of misses the
@@ -135,22 +135,26 @@ class ReportService:
         now = time.monotonic()
         if known is not None and known[1] > now:
             return Scope(salon_id, known[0])
-        generation = self._timezone_generation
+        changes = self._changes_of(salon_id)
         async with self._connection() as connection:
             timezone = await queries.salon_timezone(connection, salon_id)
         if timezone is None:
             raise APIError(404, "salon_not_found", f"there is no salon {salon_id}")
-        if generation == self._timezone_generation:
+        if changes == self._changes_of(salon_id):
             self._timezones[salon_id] = (timezone, now + SALON_TIMEZONE_TTL)
         return Scope(salon_id, timezone)
 
+    def _changes_of(self, salon_id: int) -> tuple[int, int]:
+        return self._timezone_changes.get(None, 0), self._timezone_changes.get(salon_id, 0)
+
     def _forget_timezones(self, salon_ids: set[int] | None) -> None:
-        self._timezone_generation += 1
         if salon_ids is None:
+            self._timezone_changes[None] = self._timezone_changes.get(None, 0) + 1
             self._timezones.clear()
-        else:
-            for salon_id in salon_ids:
-                self._timezones.pop(salon_id, None)
+            return
+        for salon_id in salon_ids:
+            self._timezone_changes[salon_id] = self._timezone_changes.get(salon_id, 0) + 1
+            self._timezones.pop(salon_id, None)
 
     def today(self, scope: Scope) -> date:
         return local_today(scope.timezone)
