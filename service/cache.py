@@ -28,7 +28,8 @@ next round.
 
 Single flight. Concurrent misses for one key in one process share one computation (an
 in-process future); across processes the first takes a Redis lock with a lease and the others
-poll for its result with backoff until the lease runs out, then compute themselves. A
+poll for its result with backoff (at most ``HOLDER_WAIT_SECONDS``, or until the lock is
+gone), then compute themselves. A
 computation takes no more joiners once its scope is announced changed or cleared.
 
 Stale-while-revalidate. Entries live in Redis ``grace`` seconds past their TTL. Such an entry
@@ -65,6 +66,7 @@ from telemetry import attributes as attr
 logger = logging.getLogger("service.cache")
 
 NAMESPACE = "sr:v2"
+HOLDER_WAIT_SECONDS = 5.0  # the longest a request waits for another process's computation
 PLATFORM_TAG = "{p}"
 REPORTS = ("dashboard", "bookings", "professionals")
 _HEADER = struct.Struct(">d16s16s")  # fresh-until (unix seconds), body digest, epoch
@@ -570,10 +572,14 @@ class ReportCache:
         return bytes(epoch), bool(locked)
 
     async def _wait_for_holder(self, key: CacheKey) -> Outcome | None:
-        """Poll for the lock holder's result with backoff, at most one lease long."""
+        """Poll for the lock holder's result with backoff, at most ``HOLDER_WAIT_SECONDS``.
+
+        Not the whole lease: a holder whose release failed (Redis paused or gone at that
+        moment) leaves its lock for the rest of the lease, and waiting that long made
+        requests time out; past this wait they compute themselves."""
         redis = self.redis
         assert redis is not None
-        deadline = time.monotonic() + self.lock_lease
+        deadline = time.monotonic() + min(self.lock_lease, HOLDER_WAIT_SECONDS)
         delay = 0.005
         while time.monotonic() < deadline:
             await asyncio.sleep(delay)
