@@ -6,13 +6,15 @@ import asyncio
 import time
 
 import psycopg
+import pytest
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from service import cache as cache_module
 from service.cache import NAMESPACE
 from service.config import Settings
 from service.db import async_engine
-from tests.conftest import RunningApi, app_settings
+from tests.conftest import RunningApi, app_settings, settle_stream
 from tests.factories import small_dataset
 from tests.support import redis_process
 
@@ -103,3 +105,41 @@ async def test_cache_clear_with_redis_down_is_a_clean_503(
             await asyncio.sleep(0.6)  # past the cooldown: the next clear is the probe
             response = await api.http.post(url, json={}, headers=headers)
             assert response.status_code == 200, response.text
+
+
+async def test_a_lock_left_behind_holds_requests_back_only_briefly(
+    base_settings: Settings,
+    database_url: str,
+    db: psycopg.Connection,
+    clean_db: str,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A holder whose release failed (Redis paused at that moment) leaves its lock for the rest
+    of its lease; requests for that key wait at most ``HOLDER_WAIT_SECONDS`` for it, then
+    compute themselves, instead of waiting out the lease."""
+    monkeypatch.setattr(cache_module, "HOLDER_WAIT_SECONDS", 0.3)
+    salon = small_dataset(db)["lisbon"]
+    settle_stream(clean_db)
+    settings = app_settings(
+        base_settings, database_url, redis_url, cache_local_entries=0, cache_lock_lease=600.0
+    )
+    async with RunningApi(settings) as api:
+        first = await api.report("dashboard", salon_id=salon)
+        assert first.status_code == 200
+        client = redis.Redis.from_url(redis_url)
+        try:
+            entries = [
+                name.decode()
+                for name in client.scan_iter(match=f"{NAMESPACE}:*dashboard*")
+                if not name.endswith((b":epoch", b":lock")) and b":keys:" not in name
+            ]
+            assert len(entries) == 1, entries
+            client.delete(entries[0])  # a miss again ...
+            client.set(f"{entries[0]}:lock", "a holder that is gone", px=600_000)  # ... locked
+        finally:
+            client.close()
+        second = await asyncio.wait_for(api.report("dashboard", salon_id=salon), timeout=60)
+        assert second.status_code == 200
+        assert second.headers["x-cache"] == "MISS"
+        assert second.json() == first.json()
