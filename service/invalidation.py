@@ -166,6 +166,8 @@ class InvalidationListener:
                 self.reconnects += 1
                 deleted = await self._clear_when_possible()
                 logger.warning("listener reconnected; cleared %d cache entries", deleted)
+            if self._broken:  # cut again while clearing: what it missed, the next clear covers
+                raise ConnectionError("the listening connection was closed")
             self.cache.listener_healthy = True
             self.connected.set()
             while True:
@@ -229,7 +231,7 @@ class InvalidationListener:
             logger.warning("could not invalidate after a booking change; bypassing the cache")
             self.cache.listener_healthy = False
             await self._clear_when_possible()
-            if not self._stopping.is_set():
+            if not (self._stopping.is_set() or self._broken):  # else the loop ends next
                 self.cache.listener_healthy = True
         applied = self.cache.applied
         for entry in [entry for entry in self._seen if entry[0] <= applied]:
