@@ -33,6 +33,7 @@ from service.db import libpq_url, migrate, with_database
 from service.deps import Resources
 from service.main import create_app, start_resources, stop_resources
 from telemetry.setup import Telemetry, configure
+from tests.factories import small_dataset
 
 TABLES = (
     "audit_events",
@@ -277,3 +278,19 @@ async def api(
 ) -> AsyncIterator[Api]:
     async with RunningApi(app_settings(base_settings, database_url, redis_url)) as running:
         yield running
+
+
+@pytest.fixture
+async def data(
+    db: psycopg.Connection, clean_db: str, request: pytest.FixtureRequest
+) -> dict[str, int]:
+    """``small_dataset``, folded by the change stream and, when the test runs an app, its
+    notifications handled by the app's listener (so none lands in the middle of the test)."""
+    dataset = small_dataset(db)
+    if "api" in request.fixturenames:
+        listener = request.getfixturevalue("api").resources.listener
+        assert listener is not None
+        await listener.settle()
+    else:
+        await asyncio.to_thread(settle_stream, clean_db)
+    return dataset

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from datetime import date, timedelta
 
@@ -10,27 +9,10 @@ import jwt
 import psycopg
 import pytest
 
-from tests.conftest import Api, settle_stream
-from tests.factories import small_dataset
+from tests.conftest import Api
 
 PREFIX = "/api/v1/optimized-reports"
 REPORTS = ("dashboard", "bookings", "professionals", "realtime")
-
-
-@pytest.fixture
-async def data(
-    db: psycopg.Connection, clean_db: str, request: pytest.FixtureRequest
-) -> dict[str, int]:
-    """The small dataset, folded by the change stream and, when the test runs an app, its
-    notifications handled by the app's listener (so none lands in the middle of the test)."""
-    dataset = small_dataset(db)
-    if "api" in request.fixturenames:
-        listener = request.getfixturevalue("api").resources.listener
-        assert listener is not None
-        await listener.settle()
-    else:
-        await asyncio.to_thread(settle_stream, clean_db)
-    return dataset
 
 
 def assert_error(response: object, status: int, code: str | None = None) -> None:

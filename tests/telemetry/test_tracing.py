@@ -25,34 +25,17 @@ from sqlalchemy import text
 
 from service.config import Settings
 from telemetry.setup import configure
-from tests.conftest import Api, RunningApi, app_settings, settle_stream
+from tests.conftest import Api, RunningApi, app_settings
 from tests.factories import (
     add_booking,
     add_professional,
     add_salon,
     add_service,
     add_user,
-    small_dataset,
 )
 
 PREFIX = "/api/v1/optimized-reports"
 DASHBOARD_ROUTE = f"GET {PREFIX}/dashboard"
-
-
-@pytest.fixture
-async def data(
-    db: psycopg.Connection, clean_db: str, request: pytest.FixtureRequest
-) -> dict[str, int]:
-    """The small dataset, folded by the change stream and, when the test runs an app, its
-    notifications handled by the app's listener (so none lands in the middle of the test)."""
-    dataset = small_dataset(db)
-    if "api" in request.fixturenames:
-        listener = request.getfixturevalue("api").resources.listener
-        assert listener is not None
-        await listener.settle()
-    else:
-        await asyncio.to_thread(settle_stream, clean_db)
-    return dataset
 
 
 def by_id(spans: tuple[ReadableSpan, ...]) -> dict[int, ReadableSpan]:
