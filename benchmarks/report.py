@@ -1,4 +1,4 @@
-"""Markdown tables from the latest benchmark results, for the README's performance section.
+"""Markdown tables from the latest benchmark results, for docs/performance.md.
 
 python -m benchmarks.report            # both, from benchmarks/results/*-latest.json
 python -m benchmarks.report queries    # one of them

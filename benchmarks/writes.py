@@ -60,7 +60,7 @@ retain WAL); the database stays, for a look, until the next run replaces it. Res
 the verdicts on the targets, and JSON in ``benchmarks/results/writes-*.json``.
 
     python -m benchmarks.writes [--seconds 8] [--rounds 3] [--writers 1,8]
-    python -m benchmarks.writes --markdown      # README tables from the latest results
+    python -m benchmarks.writes --markdown      # docs/performance.md tables from the latest results
 """
 
 from __future__ import annotations
@@ -885,7 +885,7 @@ def main() -> None:
     parser.add_argument("--mixes", default=",".join(MIXES))
     parser.add_argument("--bookings", type=int, default=DEFAULT_BOOKINGS)
     parser.add_argument(
-        "--markdown", action="store_true", help="print README tables from the latest results"
+        "--markdown", action="store_true", help="print the docs/performance.md tables"
     )
     args = parser.parse_args()
     if args.markdown:

@@ -103,7 +103,7 @@ shared_preload_libraries = 'pg_stat_statements'
 log_min_messages = warning
 CONF
     fi
-    # The change stream: logical decoding through a replication slot (see README, "Write path").
+    # The change stream: logical decoding through a replication slot (see docs/design.md, "Write path").
     cat >"$datadir/conf.d-salon-reports.conf" <<CONF
 wal_level = logical
 max_replication_slots = 64

@@ -123,7 +123,7 @@ def simulate(
     typer.echo(run_simulation(url=url, rps=rps, writes_per_min=writes_per_min, duration=duration))
 
 
-rollups = typer.Typer(help="The tables derived from bookings (see README, Write path).")
+rollups = typer.Typer(help="The tables derived from bookings (see docs/design.md, Write path).")
 app.add_typer(rollups, name="rollups")
 
 

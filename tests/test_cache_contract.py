@@ -1,4 +1,4 @@
-"""The cache's staleness contract (README, "Cache": how stale can an answer be), path by path.
+"""The cache's staleness contract (docs/design.md, "How stale an answer can be"), path by path.
 
 Each path has its bound and a test that holds the interleaving that would break it in place
 with a hook (a report query that has read the database and waits for a signal, Redis writes

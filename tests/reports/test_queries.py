@@ -3,7 +3,7 @@
 Differential tests: on hypothesis-generated datasets (``strategies.py``) every report of
 ``service.reports.queries`` must equal its counterpart in ``benchmarks.naive`` exactly —
 including the types (dates as ``date``, rates as ``float``). The explicit examples pin the
-corners the README's definitions turn on: period edges in local time, DST changes, empty
+corners the definitions of docs/api.md turn on: period edges in local time, DST changes, empty
 periods, platform scope, ties.
 
 Hand-checked tests: figures worked out by hand on tiny datasets, asserted on both

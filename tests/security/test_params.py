@@ -11,12 +11,12 @@ Decisions the tests pin down:
 - a parameter given twice is a 422, whichever values: a proxy checking the first ``salon_id``
   and the service serving the last would be a hole;
 - an integer is written in ASCII digits only ("+7", " 7", "0_7" are 422: pydantic would read
-  them as 7, a log or a rate limiter would not; "07" stays 7, as the README's cache keys say);
+  them as 7, a log or a rate limiter would not; "07" stays 7, as docs/design.md's cache keys say);
 - unknown parameters are ignored (the answer is the same as without them);
 - dates lie in 1900-01-01 .. 9998-12-31 (beyond, a period's bounds or buckets overflow);
 - a query string over 2 KB is a 414 (a request line over what uvicorn parses is its own 400);
 - oversized headers are answered correctly (uvicorn with httptools buffers any size: limiting
-  them is the front proxy's job, as the README says; a server that refuses them passes too).
+  them is the front proxy's job, as docs/api.md says; a server that refuses them passes too).
 """
 
 from __future__ import annotations
@@ -417,7 +417,7 @@ def test_a_huge_request_line_is_refused_by_the_server_or_the_app(
 
 # uvicorn with httptools (what `salon-reports serve` runs) sets no limit on a header's size: it
 # buffers even 16 MB. The app must still answer such requests correctly; refusing them is the
-# front proxy's job (see the README), and a server that does (400/413/431) passes too.
+# front proxy's job (see docs/api.md), and a server that does (400/413/431) passes too.
 SERVER_REFUSALS = (400, 413, 431)
 
 
