@@ -8,7 +8,9 @@
 
 - Prometheus (the Debian ``prometheus``) scrapes ``scrape_target`` (``host:port``, path
   ``/metrics``) as the job ``salon-reports`` every second, evaluates the project's rule files
-  every second and sends to Alertmanager with ``--rules.alert.resend-delay=1s``.
+  every second and sends to Alertmanager with ``--rules.alert.resend-delay=1s``; its external
+  labels are those of ``alerts/prometheus.yml`` (the bases of ``runbook_url`` and
+  ``dashboard_url``).
 - Alertmanager (``prometheus-alertmanager``) runs the project's ``alerts/alertmanager.yml``
   (its routes, receivers and inhibitions) with every webhook URL replaced by ``webhook_url``
   and ``group_wait``/``group_interval`` at 1 s, clustering off.
@@ -47,7 +49,7 @@ from typing import Any
 
 import yaml
 
-from tests.ops.tools import ALERTMANAGER_CONFIG, RULE_FILES, require_tool
+from tests.ops.tools import ALERTMANAGER_CONFIG, PROMETHEUS_CONFIG, RULE_FILES, require_tool
 
 SERVICE_JOB = "salon-reports"  # the rules select job="salon-reports"
 
@@ -220,6 +222,8 @@ class PromStack:
         self.metrics_path = metrics_path
         self.rules_after_first_scrape = rules_after_first_scrape
         self.startup_timeout = startup_timeout
+        project_config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+        self.external_labels: dict[str, str] = project_config["global"].get("external_labels", {})
         self.prometheus_url = ""
         self.alertmanager_url = ""
         self._directory: Path | None = None
@@ -317,6 +321,8 @@ class PromStack:
                 "scrape_interval": "1s",
                 "scrape_timeout": "1s",
                 "evaluation_interval": "1s",
+                # The project's runbook and dashboard link bases (runbook_url, dashboard_url).
+                "external_labels": self.external_labels,
             },
             "rule_files": [str(rule) for rule in rules],
             "alerting": {

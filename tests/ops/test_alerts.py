@@ -16,6 +16,7 @@ from tests.ops.tools import (
     ALERTMANAGER_CONFIG,
     ALERTS,
     DASHBOARD_FILES,
+    OPERATIONS_DOC,
     PROMETHEUS_CONFIG,
     RULE_FILES,
     RULE_TESTS,
@@ -78,23 +79,85 @@ def test_alert_is_actionable(name: str) -> None:
     assert rule["labels"]["severity"] in SEVERITIES
     assert rule.get("for"), f"{name} has no `for:` and would page on a single evaluation"
     annotations = rule["annotations"]
-    for key in ("summary", "description", "runbook"):
+    for key in ("summary", "description", "runbook_url", "dashboard_url"):
         assert str(annotations.get(key, "")).strip(), f"{name} has no {key} annotation"
-    assert "Jaeger" in annotations["runbook"], f"{name}'s runbook says nothing about traces"
     assert 'job="salon-reports"' in rule["expr"], f"{name} does not select the service's job"
 
 
-def test_runbooks_name_panels_that_exist() -> None:
-    titles = {panel["title"] for path in DASHBOARD_FILES for panel in dashboard_panels(path)}
+# -- runbooks (docs/operations.md) and dashboard links ------------------------------------------
+
+RUNBOOK_URL = re.compile(r"\{\{ \$externalLabels\.runbook_base_url \}\}#([a-z0-9_-]+)")
+DASHBOARD_URL = re.compile(
+    r"\{\{ \$externalLabels\.grafana_url \}\}/d/([A-Za-z0-9_-]+)\?viewPanel=(\d+)"
+)
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor a Git host renders for a Markdown heading (GitHub's rule)."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def runbook_sections() -> dict[str, tuple[str, str]]:
+    """anchor -> (heading, text) of every section of docs/operations.md."""
+    sections = {}
+    for match in re.finditer(
+        r"^#{2,4} ([^\n]+)\n(.*?)(?=^#{2,4} |\Z)", OPERATIONS_DOC.read_text(), re.M | re.S
+    ):
+        sections[github_anchor(match.group(1))] = (match.group(1).strip(), match.group(2))
+    return sections
+
+
+def panels_named(text: str) -> list[str]:
+    return re.findall(r'panel "([^"]+)"', " ".join(text.split()))
+
+
+def test_the_link_bases_are_set_once_in_the_prometheus_config() -> None:
+    labels = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["global"]["external_labels"]
+    assert labels["runbook_base_url"].endswith("/docs/operations.md")
+    assert labels["grafana_url"].startswith("http")
+
+
+@pytest.mark.parametrize("name", sorted(alert_rules()))
+def test_runbook_url_points_at_the_alerts_own_section(name: str) -> None:
+    match = RUNBOOK_URL.fullmatch(alert_rules()[name]["annotations"].get("runbook_url", ""))
+    assert match, f"{name}'s runbook_url is not <runbook_base_url>#<anchor>"
+    sections = runbook_sections()
+    assert match.group(1) in sections, f"docs/operations.md has no section #{match.group(1)}"
+    heading, text = sections[match.group(1)]
+    assert heading == name, f"{name}'s runbook_url points at the section of {heading}"
+    assert "Jaeger" in text, f"{name}'s runbook says nothing about traces"
+
+
+@pytest.mark.parametrize("name", sorted(alert_rules()))
+def test_runbook_names_panels_that_exist_and_dashboard_url_opens_the_first(name: str) -> None:
+    panels_by_title = {
+        panel["title"]: (json.loads(path.read_text())["uid"], panel["id"])
+        for path in DASHBOARD_FILES
+        for panel in dashboard_panels(path)
+    }
     dashboards = {json.loads(path.read_text())["title"] for path in DASHBOARD_FILES}
-    for name, rule in alert_rules().items():
-        runbook = rule["annotations"]["runbook"]
-        panels = re.findall(r'panel "([^"]+)"', runbook)
-        assert panels, f"{name}'s runbook names no dashboard panel to look at first"
-        for panel in panels:
-            assert panel in titles, f"{name}'s runbook names a panel that does not exist: {panel}"
-        for dashboard in re.findall(r'dashboard "([^"]+)"', runbook):
-            assert dashboard in dashboards, f"{name}'s runbook names an unknown dashboard"
+    _, text = runbook_sections()[name.lower()]
+    panels = panels_named(text)
+    assert panels, f"{name}'s runbook names no dashboard panel to look at first"
+    for panel in panels:
+        assert panel in panels_by_title, (
+            f"{name}'s runbook names a panel that does not exist: {panel}"
+        )
+    for dashboard in re.findall(r'dashboard "([^"]+)"', " ".join(text.split())):
+        assert dashboard in dashboards, f"{name}'s runbook names an unknown dashboard {dashboard}"
+    match = DASHBOARD_URL.fullmatch(alert_rules()[name]["annotations"].get("dashboard_url", ""))
+    assert match, f"{name}'s dashboard_url is not <grafana_url>/d/<uid>?viewPanel=<id>"
+    assert (match.group(1), int(match.group(2))) == panels_by_title[panels[0]], (
+        f"{name}'s dashboard_url does not open panel {panels[0]!r}, the runbook's first look"
+    )
+
+
+def test_every_runbook_section_belongs_to_an_alert() -> None:
+    """A renamed or deleted alert leaves no orphaned runbook behind."""
+    start = OPERATIONS_DOC.read_text().index("## Runbooks")
+    section = OPERATIONS_DOC.read_text()[start:].split("\n## ", 1)[0]
+    headings = re.findall(r"^### (SalonReports\w+)$", section, re.M)
+    assert sorted(headings) == sorted(alert_rules())
 
 
 def _unit_test_cases() -> list[tuple[str, int, list[Any]]]:

@@ -25,7 +25,7 @@ from tests.ops.promstack import (
     format_duration,
     parse_duration,
 )
-from tests.ops.tools import RULE_FILES, assert_tool_ok, require_tool, run_tool
+from tests.ops.tools import PROMETHEUS_CONFIG, RULE_FILES, assert_tool_ok, require_tool, run_tool
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10)
 
@@ -123,7 +123,14 @@ def test_slow_queries_page_the_webhook_then_resolve() -> None:
         assert firing["labels"]["severity"] == "page"
         assert firing["labels"]["job"] == "salon-reports"
         assert firing["annotations"]["summary"].startswith(f"Query {stub.QUERY} is slow: p95 ")
-        assert "Query time p95 by query" in firing["annotations"]["runbook"]
+        # The links are rendered from the external labels set once in alerts/prometheus.yml.
+        bases = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["global"]["external_labels"]
+        assert firing["annotations"]["runbook_url"] == (
+            f"{bases['runbook_base_url']}#salonreportsslowqueries"
+        )
+        assert firing["annotations"]["dashboard_url"].startswith(
+            f"{bases['grafana_url']}/d/salon-reports-overview?viewPanel="
+        )
         # The compressed `for` is 10 s: a page much sooner would mean it was not waited for.
         assert 9 < paged_after < 30, paged_after
 

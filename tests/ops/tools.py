@@ -24,6 +24,7 @@ COLLECTOR_CONFIG = ROOT / "otel-collector.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 DASHBOARD_FILES = sorted(DASHBOARDS.glob("*.json"))
+OPERATIONS_DOC = ROOT / "docs" / "operations.md"
 
 _PACKAGES = {
     "promtool": "prometheus",
