@@ -11,10 +11,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.auth import InvalidToken, Principal, TokenVerifier
 from service.cache import ReportCache
+from service.cache.listener import InvalidationListener
 from service.changes.consumer import ChangeConsumer, StreamMonitor, StreamStatus
 from service.config import Settings
 from service.errors import APIError
-from service.invalidation import InvalidationListener
 from service.reports.service import ReportService
 from service.schema_version import expected_revisions
 from telemetry.setup import Telemetry

@@ -15,18 +15,19 @@ from sqlalchemy.pool import QueuePool
 from service import __version__
 from service.auth import TokenVerifier
 from service.cache import CircuitBreaker, LocalTier, ReportCache
+from service.cache.listener import InvalidationListener
 from service.changes.consumer import ChangeConsumer, StreamMonitor, StreamStatus
 from service.changes.stream import Batch
 from service.config import Settings, get_settings
 from service.db import async_engine, libpq_url
 from service.deps import Resources
-from service.errors import install_error_handlers
+from service.errors import DatabaseUnavailable, install_error_handlers
 from service.health import router as health_router
-from service.invalidation import InvalidationListener
 from service.page import router as page_router
 from service.performance import StatsPublisher
 from service.performance import router as performance_router
 from service.reports.endpoints import router as reports_router
+from service.reports.names import CACHED_REPORTS
 from service.reports.schemas import error_responses
 from service.reports.service import ReportService
 from service.schema_version import log_schema_state
@@ -98,6 +99,8 @@ async def start_resources(settings: Settings, telemetry: Telemetry) -> Resources
         RedisInstrumentor.instrument_client(redis, tracer_provider=telemetry.tracer_provider)
     cache = ReportCache(
         redis,
+        reports=CACHED_REPORTS,
+        unavailable=(DatabaseUnavailable,),
         stale_grace=settings.cache_stale_grace,
         lock_lease=settings.cache_lock_lease,
         breaker=CircuitBreaker(

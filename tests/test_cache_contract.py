@@ -36,6 +36,7 @@ from service.cache import NAMESPACE, ReportCache, build_key, scope_tag
 from service.config import Settings
 from service.db import async_engine
 from service.reports import queries
+from service.reports.names import CACHED_REPORTS
 from tests.conftest import Api, RunningApi, app_settings
 from tests.factories import add_booking, add_professional, add_salon, add_service, small_dataset
 from tests.support import RedisProcess, redis_process
@@ -282,7 +283,7 @@ async def test_clear_all_stops_every_computation_begun_before_it(redis_url: str)
     """A scope never invalidated before: its computation in flight neither stores after an
     admin clear nor is joined by a request made after it."""
     client = Redis.from_url(redis_url)
-    cache = ReportCache(client)
+    cache = ReportCache(client, reports=CACHED_REPORTS)
     key = build_key("dashboard", 7, "admin", {"start": "2026-01-01", "end": "2026-01-31"})
     read, release = asyncio.Event(), asyncio.Event()
 

@@ -10,8 +10,8 @@ import pytest
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from service import cache as cache_module
 from service.cache import NAMESPACE
+from service.cache import store as cache_store
 from service.config import Settings
 from service.db import async_engine
 from tests.conftest import RunningApi, app_settings, settle_stream
@@ -118,7 +118,7 @@ async def test_a_lock_left_behind_holds_requests_back_only_briefly(
     """A holder whose release failed (Redis paused at that moment) leaves its lock for the rest
     of its lease; requests for that key wait at most ``HOLDER_WAIT_SECONDS`` for it, then
     compute themselves, instead of waiting out the lease."""
-    monkeypatch.setattr(cache_module, "HOLDER_WAIT_SECONDS", 0.3)
+    monkeypatch.setattr(cache_store, "HOLDER_WAIT_SECONDS", 0.3)
     salon = small_dataset(db)["lisbon"]
     settle_stream(clean_db)
     settings = app_settings(

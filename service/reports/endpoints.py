@@ -16,9 +16,9 @@ from starlette.responses import Response
 
 from service.auth import Principal
 from service.cache import CacheResult, Outcome
+from service.cache.listener import broadcast_clear
 from service.deps import AdminDep, ResourcesDep, authenticate
 from service.errors import APIError
-from service.invalidation import broadcast_clear
 from service.reports.params import (
     EARLIEST_DATE,
     LATEST_DATE,

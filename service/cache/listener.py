@@ -23,10 +23,11 @@ import psycopg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.cache import ReportCache, scope_tag
+from service.cache.keys import scope_tag
+from service.cache.store import ReportCache
 from service.changes.consumer import wait_applied
 
-logger = logging.getLogger("service.invalidation")
+logger = logging.getLogger("service.cache.listener")
 
 CHANNEL = "bookings_changed"
 CLEARED_CHANNEL = "report_cache_cleared"  # admin clears, for the other workers' local tiers

@@ -1,0 +1,109 @@
+"""Invalidation in Redis: announced changes waiting for their round, and the clears.
+
+Announcements. The invalidation listener announces a change the moment its notification
+arrives (``ReportCache.announce``); until the round that deletes those scopes' epochs in Redis
+has run (``ReportCache.apply_announced``), the process serves none of their Redis entries.
+Announcements are numbered; those that arrive during a round are merged into the next.
+
+Deleting a scope's epochs is the invalidation: an entry is served only under its current epoch.
+Unlinking the tracked entries only frees their memory now. The clear-everything (admin, a
+listener reconnecting, the stream becoming current) deletes every key it finds with ``SCAN``:
+an epoch some computation read existed when the clear began, so it is found (or was replaced
+meanwhile), and nothing begun before the clear can store after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+
+from service.cache.breaker import CircuitBreaker
+from service.cache.keys import EVERY_KEY, PLATFORM_TAG, cleared_by, is_entry, scope_tag
+from service.cache.scripts import Scripts
+
+SCAN_BATCH = 500
+
+
+class Announcements:
+    """Changes announced and not yet invalidated in Redis, numbered in order of arrival."""
+
+    def __init__(self) -> None:
+        self.announced = 0  # the number of the latest announcement
+        self.applied = 0  # every announcement up to this one is invalidated in Redis
+        self._pending: dict[str, int] = {}  # scope tag -> its latest announcement
+        self._everything = 0  # the latest announcement of "everything", until applied
+        self._hooks: list[Callable[[set[int] | None], None]] = []
+
+    def on_announce(self, hook: Callable[[set[int] | None], None]) -> None:
+        """Call ``hook`` with the salon ids (None: all) of every announced change."""
+        self._hooks.append(hook)
+
+    def add(self, salon_ids: set[int] | None) -> set[str] | None:
+        """Number a change to these salons (None: to anything); returns the scopes it touches
+        (each salon's, and the platform's), or None for every scope."""
+        self.announced += 1
+        if salon_ids is None:
+            self._everything = self.announced
+            return None
+        tags = {scope_tag(salon_id) for salon_id in salon_ids} | {PLATFORM_TAG}
+        for tag in tags:
+            self._pending[tag] = self.announced
+        return tags
+
+    def tell(self, salon_ids: set[int] | None) -> None:
+        for hook in self._hooks:
+            hook(salon_ids)
+
+    def pending(self, tag: str) -> bool:
+        """Whether a change to this scope was announced and is not invalidated in Redis yet."""
+        return bool(self._everything) or tag in self._pending
+
+    @property
+    def everything_pending(self) -> bool:
+        return bool(self._everything)
+
+    @property
+    def pending_tags(self) -> list[str]:
+        return list(self._pending)
+
+    def settle(self, covered: int) -> None:
+        """Announcements up to ``covered`` are invalidated in Redis."""
+        self._pending = {tag: last for tag, last in self._pending.items() if last > covered}
+        if self._everything <= covered:
+            self._everything = 0
+        self.applied = max(self.applied, covered)
+
+
+async def invalidate_scopes(
+    redis: Redis,
+    scripts: Scripts,
+    breaker: CircuitBreaker,
+    tags: list[str],
+    reports: tuple[str, ...],
+) -> int:
+    """Delete the epochs (and unlink the tracked entries) of these scopes' reports, in one
+    round trip; returns how many entries went."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for tag in tags:
+            await scripts.invalidate(tag, reports, pipe)
+        counts = await breaker.call(pipe.execute())
+    return sum(int(count) for count in counts)
+
+
+async def unlink_everything(redis: Redis, breaker: CircuitBreaker, report: str | None) -> int:
+    """Unlink every key the cache owns (of one report, if given), by ``SCAN``; returns how many
+    entries went (epochs, tracked sets and locks go too, uncounted)."""
+    deleted = 0
+    cursor = 0
+    while True:
+        cursor, names = await breaker.call(redis.scan(cursor, match=EVERY_KEY, count=SCAN_BATCH))
+        chosen = [name for name in names if cleared_by(name, report)]
+        entries = [name for name in chosen if is_entry(name)]
+        others = [name for name in chosen if not is_entry(name)]
+        if entries:
+            deleted += int(await breaker.call(redis.unlink(*entries)))
+        if others:
+            await breaker.call(redis.unlink(*others))
+        if cursor == 0:
+            return deleted
