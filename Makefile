@@ -11,8 +11,10 @@ DEMO_BOOKINGS ?= 200000
 # (e.g. `make bench BENCH_WRITES_SECONDS=3 BENCH_WRITES_ROUNDS=1` for a quick look).
 BENCH_WRITES_SECONDS ?= 8
 BENCH_WRITES_ROUNDS ?= 3
+# `make services REPLICA=1` also starts a streaming replica of PostgreSQL (see scripts/services.sh).
+REPLICA ?= 0
 
-.PHONY: run test services stop lint bench loadtest chaos install ops-tools browser-tools clean
+.PHONY: run test services services-with-replica stop lint bench loadtest chaos install ops-tools browser-tools clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +25,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 services:
-	@scripts/services.sh start
+	@REPLICA=$(REPLICA) scripts/services.sh start
+
+# The tests read from a real streaming replica (tests/test_read_replica.py).
+services-with-replica:
+	@REPLICA=1 scripts/services.sh start
 
 stop:
 	@scripts/services.sh stop
@@ -42,7 +48,7 @@ run: install services
 	@scripts/banner.sh $(HOST) $(PORT)
 	@$(BIN)/salon-reports serve --host $(HOST) --port $(PORT)
 
-test: install services ops-tools browser-tools
+test: install services-with-replica ops-tools browser-tools
 	$(BIN)/pytest
 
 lint: install

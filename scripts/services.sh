@@ -3,16 +3,23 @@
 #
 #   scripts/services.sh start   # idempotent; prints the URLs
 #   scripts/services.sh stop    # stops what `start` started
+#   REPLICA=1 scripts/services.sh start   # also a streaming replica (hot standby) of PostgreSQL
 #
 # Both servers listen on 127.0.0.1 only, on ports that do not collide with a system
 # instance (PG_PORT, default 55432; REDIS_PORT, default 56379), with their data under
-# .local/ (git-ignored). PostgreSQL refuses to run as root, so as root the cluster is
+# .local/ (git-ignored). With REPLICA=1 a physical streaming replica of that cluster runs on
+# REPLICA_PORT (default PG_PORT + 1): `pg_basebackup` through its own replication slot and role,
+# read-only (hot standby); its URL goes into .env as REPLICA_DATABASE_URL (tests use it; the
+# service reads replicas only through REPORTS_READ_DATABASE_URL). PostgreSQL refuses to run as root, so as root the cluster is
 # run as the unprivileged `postgres` user; a normal user runs it as themselves.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LOCAL="$ROOT/.local"
 PG_PORT="${PG_PORT:-55432}"
+REPLICA_PORT="${REPLICA_PORT:-$((PG_PORT + 1))}"
+REPLICA="${REPLICA:-0}"
+REPLICATION_USER="${REPLICATION_USER:-salon_replication}"
 REDIS_PORT="${REDIS_PORT:-56379}"
 PG_DB="${PG_DB:-salon_reports}"
 PG_USER="${PG_USER:-salon}"
@@ -146,6 +153,79 @@ pg_stop() {
     fi
 }
 
+# The streaming replica: its own data directory next to the primary's, fed through a physical
+# replication slot (the primary keeps the WAL it has not received, up to
+# max_slot_wal_keep_size) by a role that may only replicate.
+replica_datadir() { echo "$(dirname "$(pg_datadir)")/pg-replica"; }
+replica_slot() { echo "salon_reports_replica_$REPLICA_PORT"; }
+
+replica_start() {
+    local bindir datadir logfile slot
+    bindir="$(pg_bindir)"
+    datadir="$(replica_datadir)"
+    logfile="$(dirname "$datadir")/postgresql-replica.log"
+    slot="$(replica_slot)"
+    local psql=("$bindir/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -qtA)
+    if [[ "$("${psql[@]}" -c "SELECT 1 FROM pg_roles WHERE rolname = '$REPLICATION_USER'")" != 1 ]]; then
+        "${psql[@]}" -c "CREATE ROLE $REPLICATION_USER LOGIN REPLICATION"
+    fi
+    # initdb's pg_hba.conf lets loopback replication connections in; a cluster set up
+    # otherwise gets the line here.
+    local hba
+    hba="$("${psql[@]}" -c "SHOW hba_file")"
+    if ! pg_run_as grep -qE "^host[[:space:]]+replication[[:space:]]+(all|$REPLICATION_USER)[[:space:]]+127\.0\.0\.1/32" "$hba"; then
+        echo "host replication $REPLICATION_USER 127.0.0.1/32 trust" | pg_run_as tee -a "$hba" >/dev/null
+        "${psql[@]}" -c "SELECT pg_reload_conf()" >/dev/null
+    fi
+    local slot_exists
+    slot_exists="$("${psql[@]}" -c "SELECT 1 FROM pg_replication_slots WHERE slot_name = '$slot'")"
+    if pg_run_as "$bindir/pg_ctl" -D "$datadir" status >/dev/null 2>&1 && [[ "$slot_exists" == 1 ]]; then
+        say "PostgreSQL replica already running on 127.0.0.1:$REPLICA_PORT"
+        return
+    fi
+    pg_run_as "$bindir/pg_ctl" -D "$datadir" -m fast -w stop >/dev/null 2>&1 || true
+    if [[ "$slot_exists" != 1 || ! -s "$datadir/PG_VERSION" ]]; then
+        # No slot means the WAL since the last base backup may be gone: take a new one.
+        rm -rf "$datadir"
+        if [[ "$slot_exists" == 1 ]]; then
+            "${psql[@]}" -c "SELECT pg_drop_replication_slot('$slot')" >/dev/null
+        fi
+        say "taking a base backup for the replica (slot $slot)"
+        pg_run_as "$bindir/pg_basebackup" -h 127.0.0.1 -p "$PG_PORT" -U "$REPLICATION_USER" \
+            -D "$datadir" -X stream -R -C -S "$slot" --checkpoint=fast \
+            || die "pg_basebackup failed"
+        cat >"$datadir/conf.d-replica.conf" <<CONF
+port = $REPLICA_PORT
+hot_standby = on
+# A report query that holds back the replay of a conflicting change is cancelled after this
+# long (the service then asks the primary); the replica's lag stays bounded by it.
+max_standby_streaming_delay = 5s
+hot_standby_feedback = off
+CONF
+        echo "include_if_exists = 'conf.d-replica.conf'" >>"$datadir/postgresql.conf"
+        if [[ "$(id -u)" -eq 0 ]]; then chown postgres "$datadir/conf.d-replica.conf" "$datadir/postgresql.conf"; fi
+    fi
+    say "starting the PostgreSQL replica on 127.0.0.1:$REPLICA_PORT"
+    pg_run_as "$bindir/pg_ctl" -D "$datadir" -l "$logfile" -w -t 60 start >/dev/null \
+        || { tail -20 "$logfile" >&2; die "the PostgreSQL replica did not start"; }
+}
+
+replica_running() {
+    local bindir
+    bindir="$(pg_bindir)" || return 1
+    [[ -s "$(replica_datadir)/PG_VERSION" ]] \
+        && pg_run_as "$bindir/pg_ctl" -D "$(replica_datadir)" status >/dev/null 2>&1
+}
+
+replica_stop() {
+    local bindir
+    bindir="$(pg_bindir)" || return 0
+    if replica_running; then
+        say "stopping the PostgreSQL replica"
+        pg_run_as "$bindir/pg_ctl" -D "$(replica_datadir)" -m fast -w stop >/dev/null
+    fi
+}
+
 redis_start() {
     mkdir -p "$LOCAL/redis"
     if redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1; then
@@ -177,7 +257,7 @@ write_env() {
     local secret=""
     if [[ -f "$ENV_FILE" ]]; then
         secret="$(sed -n 's/^REPORTS_JWT_SECRET=//p' "$ENV_FILE" | tail -1)"
-        grep -vE '^(DATABASE_URL|REDIS_URL|REPORTS_JWT_SECRET)=' "$ENV_FILE" >"$ENV_FILE.tmp" || true
+        grep -vE '^(DATABASE_URL|REDIS_URL|REPORTS_JWT_SECRET|REPLICA_DATABASE_URL)=' "$ENV_FILE" >"$ENV_FILE.tmp" || true
     else
         : >"$ENV_FILE.tmp"
     fi
@@ -187,10 +267,13 @@ write_env() {
         echo "DATABASE_URL=postgresql+psycopg://$PG_USER:$PG_USER@127.0.0.1:$PG_PORT/$PG_DB"
         echo "REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0"
         echo "REPORTS_JWT_SECRET=$secret"
+        if replica_running; then
+            echo "REPLICA_DATABASE_URL=postgresql+psycopg://$PG_USER:$PG_USER@127.0.0.1:$REPLICA_PORT/$PG_DB"
+        fi
     } >"$ENV_FILE"
     rm -f "$ENV_FILE.tmp"
     chmod 600 "$ENV_FILE"
-    say "wrote DATABASE_URL, REDIS_URL and REPORTS_JWT_SECRET to .env"
+    say "wrote DATABASE_URL, REDIS_URL, REPORTS_JWT_SECRET (and REPLICA_DATABASE_URL) to .env"
 }
 
 case "${1:-start}" in
@@ -198,11 +281,13 @@ case "${1:-start}" in
         install_missing
         if wal2json_missing; then install_packages "postgresql-$(pg_major)-wal2json"; fi
         pg_start
+        if [[ "$REPLICA" == 1 ]]; then replica_start; fi
         redis_start
         write_env
         ;;
     stop)
         redis_stop
+        replica_stop
         pg_stop
         ;;
     *)

@@ -136,7 +136,13 @@ async def start_resources(settings: Settings, telemetry: Telemetry) -> Resources
         read_engine=read_engine,
         cache=cache,
         reports=ReportService(
-            read_engine, cache, settings, pool=read_pool, stats=telemetry.stats, stream=stream
+            read_engine,
+            cache,
+            settings,
+            pool=read_pool,
+            stats=telemetry.stats,
+            stream=stream,
+            primary=None if read_engine is engine else engine,
         ),
         listener=listener,
         telemetry=telemetry,

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel
@@ -28,7 +29,7 @@ from service.cache import CacheEntry, CacheResult, Outcome, ReportCache, build_k
 from service.changes.consumer import StreamStatus
 from service.config import Settings
 from service.errors import APIError, database_error
-from service.reports import queries
+from service.reports import queries, replica
 from service.reports.params import (
     PLATFORM_TIMEZONE,
     BookingFilters,
@@ -48,6 +49,9 @@ from telemetry.metrics import PoolGauges
 from telemetry.stats import StatsAggregator
 
 SALON_TIMEZONE_TTL = 60.0
+
+T = TypeVar("T")
+logger = logging.getLogger("service.reports")
 
 
 def encode_cursor(after_id: int) -> str:
@@ -81,8 +85,15 @@ class ReportService:
         pool: PoolGauges | None = None,
         stats: StatsAggregator | None = None,
         stream: StreamStatus | None = None,
+        primary: AsyncEngine | None = None,
     ) -> None:
         self.engine = engine
+        # With a replica (``engine``), the primary: its stream position gates replica reads,
+        # and it answers when the replica is behind or gives way to its replay (``replica``).
+        self.primary = primary
+        self.replica_reads = replica.ReplicaReads()
+        # Tests: awaited on the replica between the position check and the report query.
+        self.before_replica_query: Callable[[], Awaitable[None]] | None = None
         self.cache = cache
         self.settings = settings
         self.pool = pool or PoolGauges("read", lambda: (0, 0, 0))
@@ -99,8 +110,11 @@ class ReportService:
         self._turns = asyncio.Semaphore(settings.pool_size + settings.pool_max_overflow)
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[AsyncConnection]:
-        """A read connection; database failures become a 503 the client can retry."""
+    async def _connection(
+        self, engine: AsyncEngine | None = None
+    ) -> AsyncIterator[AsyncConnection]:
+        """A read connection (from ``engine``, by default the read engine); database failures
+        become a 503 the client can retry."""
         pool = self.pool
         pool.waiting += 1
         waiting = True
@@ -110,7 +124,7 @@ class ReportService:
             except TimeoutError:
                 raise PoolTimeoutError("no connection became free in time") from None
             try:
-                async with self.engine.connect() as connection:
+                async with (engine or self.engine).connect() as connection:
                     pool.waiting -= 1
                     waiting = False
                     yield connection
@@ -127,6 +141,32 @@ class ReportService:
             if waiting:
                 pool.waiting -= 1
 
+    async def _read(self, run: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run ``run`` where its answer may be cached: on the replica only when it has replayed
+        every fold committed before the read began, else on the primary (see ``replica``)."""
+        if self.primary is None:
+            async with self._connection() as connection:
+                return await run(connection)
+        async with self._connection(self.primary) as connection:
+            mark = await replica.watermark(connection)
+        try:
+            async with self._connection() as connection:
+                await connection.execution_options(isolation_level="REPEATABLE READ")
+                if await replica.caught_up(connection, mark):
+                    if self.before_replica_query is not None:
+                        await self.before_replica_query()
+                    result = await run(connection)
+                    self.replica_reads.replica += 1
+                    return result
+            self.replica_reads.primary_behind += 1
+        except APIError as error:
+            if not replica.recovery_conflict(error):
+                raise
+            logger.warning("a report query gave way to the replica's replay; asking the primary")
+            self.replica_reads.primary_conflict += 1
+        async with self._connection(self.primary) as connection:
+            return await run(connection)
+
     async def resolve_scope(self, salon_id: int | None) -> Scope:
         """The scope of a request; 404 for a salon that does not exist."""
         if salon_id is None:
@@ -136,8 +176,7 @@ class ReportService:
         if known is not None and known[1] > now:
             return Scope(salon_id, known[0])
         changes = self._changes_of(salon_id)
-        async with self._connection() as connection:
-            timezone = await queries.salon_timezone(connection, salon_id)
+        timezone = await self._read(lambda connection: queries.salon_timezone(connection, salon_id))
         if timezone is None:
             raise APIError(404, "salon_not_found", f"there is no salon {salon_id}")
         if changes == self._changes_of(salon_id):
@@ -183,8 +222,9 @@ class ReportService:
 
     async def dashboard(self, principal: Principal, scope: Scope, period: Period) -> Outcome:
         async def compute() -> bytes:
-            async with self._connection() as connection:
-                data = await queries.dashboard_metrics(connection, scope, period)
+            data = await self._read(
+                lambda connection: queries.dashboard_metrics(connection, scope, period)
+            )
             return _serialise(DashboardReport(meta=self._meta(scope, period), **data))
 
         params = {"start": period.start.isoformat(), "end": period.end.isoformat()}
@@ -199,10 +239,11 @@ class ReportService:
         filters: BookingFilters,
     ) -> Outcome:
         async def compute() -> bytes:
-            async with self._connection() as connection:
-                data = await queries.booking_metrics(
+            data = await self._read(
+                lambda connection: queries.booking_metrics(
                     connection, scope, period, granularity, filters
                 )
+            )
             return _serialise(BookingsReport(meta=self._meta(scope, period), **data))
 
         params = {
@@ -224,10 +265,11 @@ class ReportService:
         after_id: int | None,
     ) -> Outcome:
         async def compute() -> bytes:
-            async with self._connection() as connection:
-                page = await queries.professional_performance(
+            page = await self._read(
+                lambda connection: queries.professional_performance(
                     connection, scope, period, limit=limit, after_id=after_id
                 )
+            )
             next_after = page["next_after_id"]
             report = ProfessionalsReport(
                 meta=self._meta(scope, period),
