@@ -63,7 +63,7 @@ def replica_dsn(database_url: str, clean_db: str) -> Iterator[str]:
     dsn = libpq_url(url)
     with psycopg.connect(dsn, autocommit=True) as replica:
         row = replica.execute("SELECT pg_is_in_recovery()").fetchone()
-        assert row is not None and row[0], "REPLICA_DATABASE_URL is not a standby"
+        assert row == (True,), "REPLICA_DATABASE_URL is not a standby"
     yield dsn
     with psycopg.connect(dsn, autocommit=True) as replica:
         replica.execute("SELECT pg_wal_replay_resume()")
@@ -150,7 +150,8 @@ async def test_reports_read_from_the_replica_and_the_rest_from_the_primary(
         row = replica.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'salon-reports'"
         ).fetchone()
-        assert row is not None and row[0] >= 1
+        assert row is not None
+        assert row[0] >= 1
 
     # Both pools exist and are reported; readiness is about the primary.
     metrics = (await api.get("/metrics")).text
@@ -185,9 +186,7 @@ async def test_a_lagging_replica_never_has_its_answers_cached(
 
     with psycopg.connect(replica_dsn, autocommit=True) as replica:
         replica.execute("SELECT pg_wal_replay_pause()")
-        while replica.execute("SELECT pg_get_wal_replay_pause_state()").fetchone() != (
-            "paused",
-        ):
+        while replica.execute("SELECT pg_get_wal_replay_pause_state()").fetchone() != ("paused",):
             await asyncio.sleep(0.01)
     with psycopg.connect(clean_db, autocommit=True) as primary:
         for expected in range(3, 8):
@@ -241,9 +240,8 @@ async def test_a_recovery_conflict_is_retried_on_the_primary(
     async def conflict() -> None:
         # The replica session has read change_stream_position (a lock on it, a snapshot):
         # an exclusive lock on the primary must wait for it on replay, then end it.
-        with psycopg.connect(clean_db, autocommit=True) as primary:
-            with primary.transaction():
-                primary.execute("LOCK TABLE change_stream_position IN ACCESS EXCLUSIVE MODE")
+        with psycopg.connect(clean_db, autocommit=True) as primary, primary.transaction():
+            primary.execute("LOCK TABLE change_stream_position IN ACCESS EXCLUSIVE MODE")
         with psycopg.connect(replica_dsn, autocommit=True) as replica:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + WAIT_SECONDS
