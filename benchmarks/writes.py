@@ -369,7 +369,7 @@ class ConsumerThread:
             self.lags.extend(batch.lags)
             self.transactions += batch.transactions
             self.batches += 1
-            self.rows_max = max(self.rows_max, len(batch.rows))
+            self.rows_max = max(self.rows_max, batch.versions)
             self.age_max = max(self.age_max, age)
 
     def reset(self) -> None:

@@ -268,6 +268,7 @@ async def wait_applied(dsn: str, timeout: float = 30.0) -> None:
         # Folds the stream here unless a consumer already does (the election decides).
         consumer = ChangeConsumer(dsn, election_interval=0.2)
         consumer.start()
+        pause = 0.002
         try:
             while True:
                 position = await read_position(connection)
@@ -279,6 +280,8 @@ async def wait_applied(dsn: str, timeout: float = 30.0) -> None:
                     raise TimeoutError(
                         f"the change stream did not apply its backlog within {timeout:g} s"
                     )
-                await asyncio.sleep(0.005)
+                # polls often at first (a test waits for one write), less while a backlog drains
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.05)
         finally:
             await consumer.stop()

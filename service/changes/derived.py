@@ -56,9 +56,10 @@ FIRSTS: dict[str, tuple[str, ...]] = {
 VISIT_TABLES = ("client_visit_days", "client_visit_pairs")
 TABLES = (*COUNTERS, *VISIT_TABLES, *FIRSTS)
 
-# The batch being folded: one row per booking version (+1 new, -1 old), see stream.py.
-BATCH = "stream_changes"
-BOOKING_ROWS = f"SELECT * FROM {BATCH} WHERE relation = 'bookings' AND sign IS NOT NULL"
+# The batch being folded, netted (see stream.py): one row per distinct booking version with
+# ``n``, the number of times it was added (+) or removed (-) in the batch, never 0.
+BATCH = "stream_delta"
+DELTA = f"SELECT * FROM {BATCH}"
 
 
 # -- counters ------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def _counter_rows(source: str, keys: tuple[tuple[str, str], ...], signed: bool) 
     """Per key of ``keys``: the status counts and completed revenue of ``source``'s rows."""
     names = ", ".join(name for name, _ in keys)
     expressions = ", ".join(f"{expression} AS {name}" for name, expression in keys)
-    weight = "sign" if signed else "1"
+    weight = "n" if signed else "1"
     sums = ", ".join(
         f"coalesce(sum({weight}) FILTER (WHERE status = '{status}'), 0)::int AS {status}"
         for status in STATUSES
@@ -77,10 +78,10 @@ def _counter_rows(source: str, keys: tuple[tuple[str, str], ...], signed: bool) 
         f"coalesce(sum({weight} * price_cents) FILTER (WHERE status = 'completed'), 0)::bigint"
         " AS revenue_cents"
     )
-    sign = "sign, " if signed else ""
+    n = "n, " if signed else ""
     return f"""
         SELECT {names}, {sums}, {revenue}
-        FROM (SELECT {sign}status, price_cents, {expressions} FROM ({source}) AS s) AS keyed
+        FROM (SELECT {n}status, price_cents, {expressions} FROM ({source}) AS s) AS keyed
         GROUP BY {names}
     """
 
@@ -91,7 +92,7 @@ def fold_counter(table: str) -> str:
     nonzero = " OR ".join(f"{value} <> 0" for value in VALUES)
     return f"""
         INSERT INTO {table} AS t ({names}, {", ".join(VALUES)})
-        SELECT * FROM ({_counter_rows(BOOKING_ROWS, keys, signed=True)}) AS delta
+        SELECT * FROM ({_counter_rows(DELTA, keys, signed=True)}) AS delta
         WHERE {nonzero}
         ORDER BY {names}
         ON CONFLICT ({names}) DO UPDATE SET
@@ -113,8 +114,8 @@ _PREV_DAY = "coalesce(lag(day) OVER (PARTITION BY client_id ORDER BY day), '-inf
 FOLD_VISITS = (
     f"""
     WITH delta AS (
-        SELECT client_id, {UTC_DAY} AS day, sum(sign)::int AS bookings
-        FROM ({BOOKING_ROWS}) AS b GROUP BY 1, 2 HAVING sum(sign) <> 0
+        SELECT client_id, {UTC_DAY} AS day, sum(n)::int AS bookings
+        FROM ({DELTA}) AS b GROUP BY 1, 2 HAVING sum(n) <> 0
     ),
     moved AS (  -- clients with a day that appears or disappears; the others keep their pairs
         SELECT DISTINCT delta.client_id FROM delta
@@ -150,14 +151,14 @@ FOLD_VISITS = (
     """,
     f"""
     INSERT INTO client_visit_days AS t (client_id, day, bookings)
-    SELECT client_id, {UTC_DAY}, sum(sign) FROM ({BOOKING_ROWS}) AS b
-    GROUP BY 1, 2 HAVING sum(sign) <> 0
+    SELECT client_id, {UTC_DAY}, sum(n) FROM ({DELTA}) AS b
+    GROUP BY 1, 2 HAVING sum(n) <> 0
     ORDER BY 1, 2
     ON CONFLICT (client_id, day) DO UPDATE SET bookings = t.bookings + EXCLUDED.bookings
     """,
     f"""
     DELETE FROM client_visit_days d USING (
-        SELECT DISTINCT client_id, {UTC_DAY} AS day FROM ({BOOKING_ROWS}) AS b
+        SELECT DISTINCT client_id, {UTC_DAY} AS day FROM ({DELTA}) AS b
     ) AS touched
     WHERE d.client_id = touched.client_id AND d.day = touched.day AND d.bookings = 0
     """,
@@ -189,9 +190,11 @@ def fold_first(table: str) -> tuple[str, str]:
     on_table = " AND ".join(f"f.{key} = r.{key}" for key in keys)
     on_bookings = " AND ".join(f"b.{key} = a.{key}" for key in keys)
     on_removed = " AND ".join(f"f.{key} = o.{key}" for key in keys)
+    # the batch's net change per (key, scheduled_at): status and price changes cancel here
+    added = f"SELECT {columns}, scheduled_at FROM {BATCH} GROUP BY {columns}, scheduled_at"
     earlier = f"""
         INSERT INTO {table} AS t ({columns}, first_at)
-        SELECT {columns}, min(scheduled_at) FROM ({BOOKING_ROWS} AND sign = 1) AS n
+        SELECT {columns}, min(scheduled_at) FROM ({added} HAVING sum(n) > 0) AS n
         GROUP BY {columns}
         ORDER BY {columns}
         ON CONFLICT ({columns}) DO UPDATE SET first_at = EXCLUDED.first_at
@@ -199,7 +202,7 @@ def fold_first(table: str) -> tuple[str, str]:
     """
     recount = f"""
         WITH affected AS (
-            SELECT DISTINCT {columns} FROM ({BOOKING_ROWS} AND sign = -1) AS o
+            SELECT DISTINCT {columns} FROM ({added} HAVING sum(n) < 0) AS o
             WHERE NOT EXISTS (
                 SELECT FROM {table} f WHERE {on_removed} AND f.first_at < o.scheduled_at
             )

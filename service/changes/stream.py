@@ -113,15 +113,32 @@ class Position:
 
 @dataclass(slots=True)
 class Batch:
-    """Changes gathered up to a transaction boundary, then what folding them did."""
+    """Changes gathered up to a transaction boundary, then what folding them did.
 
-    rows: list[tuple[Any, ...]] = field(default_factory=list)  # for ``stream_changes``
+    Booking row versions are netted as they arrive: ``delta`` maps a version's relevant columns
+    (``DELTA_COLUMNS``) to +1 per new version and -1 per old one, summed. Every derived table is
+    a function of the multiset of those projections over ``bookings``, so a version added and
+    removed in the same batch (a booking inserted and then confirmed, say) cancels out before
+    anything reaches the database.
+    """
+
+    delta: dict[tuple[Any, ...], int] = field(default_factory=dict)
+    versions: int = 0  # booking row versions received (+1 and -1), before netting
     end: int | None = None  # end of the last complete transaction's commit record
     transactions: int = 0  # transactions with a relevant change
-    started: float = 0.0  # monotonic time of the first row
+    markers: int = 0  # position markers (``wait_applied``)
+    booking_xids: list[str] = field(default_factory=list)  # transactions that changed bookings
+    commits: list[str] = field(default_factory=list)  # commit times of ``transactions``
+    touched: set[str] = field(default_factory=set)  # salon ids whose reports may change
+    truncated: bool = False  # bookings truncated: the derived tables start from empty
+    truncate: bool = False  # any streamed table truncated: every salon is invalidated
+    started: float = 0.0  # monotonic time of the first change
     lags: list[float] = field(default_factory=list)  # commit -> applied, per transaction
     salons: str | None = None  # the NOTIFY payload sent, if any
-    truncated: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not (self.transactions or self.markers)
 
 
 def lsn_bytes(lsn: str | None) -> int | None:
@@ -154,22 +171,27 @@ def xid8(xid: str, snapshot: str) -> str:
     )
 
 
+# The booking columns the derived tables are computed from (``derived.py``).
+DELTA_COLUMNS = (
+    "salon_id",
+    "client_id",
+    "professional_id",
+    "service_id",
+    "scheduled_at",
+    "status",
+    "price_cents",
+)
+
 CREATE_BATCH = f"""
     CREATE TEMP TABLE IF NOT EXISTS {derived.BATCH} (
-        ordinal bigint NOT NULL,
-        xid xid NOT NULL,
-        relation text,
-        action text NOT NULL,
-        sign smallint,
-        committed_at timestamptz,
-        id bigint,
-        salon_id bigint,
-        client_id bigint,
-        professional_id bigint,
-        service_id bigint,
-        scheduled_at timestamptz,
-        status text,
-        price_cents integer
+        salon_id bigint NOT NULL,
+        client_id bigint NOT NULL,
+        professional_id bigint NOT NULL,
+        service_id bigint NOT NULL,
+        scheduled_at timestamptz NOT NULL,
+        status text NOT NULL,
+        price_cents integer NOT NULL,
+        n integer NOT NULL
     ) ON COMMIT DELETE ROWS
 """
 
@@ -177,8 +199,7 @@ CREATE_BATCH = f"""
 # reaches the WAL (and so the stream) an instant before the transaction leaves the proc array;
 # the first-booking recomputation must wait for that instant, or it could miss the change.
 _NOT_YET_VISIBLE = f"""
-    SELECT count(*) FROM (SELECT DISTINCT xid FROM {derived.BATCH}
-                          WHERE relation = 'bookings' AND xid::text <> '0') AS t
+    SELECT count(*) FROM unnest(%s::text[]) AS t(xid)
     WHERE NOT pg_visible_in_snapshot({xid8("t.xid", "pg_current_snapshot()")},
                                      pg_current_snapshot())
 """
@@ -247,18 +268,6 @@ class RebuildSkip:
         elif self.xmax - full > 2**31:
             full += 2**32
         return full < self.xmin or (full < self.xmax and full not in self.in_progress)
-
-
-_COLUMNS = (
-    "id",
-    "salon_id",
-    "client_id",
-    "professional_id",
-    "service_id",
-    "scheduled_at",
-    "status",
-    "price_cents",
-)
 
 
 class ApplyLock:
@@ -358,72 +367,81 @@ class Folder:
         on_batch: Callable[[Batch], None] | None,
     ) -> None:
         batch = Batch()
-        pending: list[tuple[Any, ...]] = []  # the open transaction's rows
-        xid, committed_at, skipping = 0, None, False
+        # The open transaction: its xid, commit time, whether the rebuild saw it, and whether
+        # it changed anything. A batch closes only between transactions, so the open
+        # transaction's changes go straight into the batch.
+        xid, committed_at, skipping, relevant, bookings = "0", "", False, False, False
         in_transaction = False  # between a B and its C
         while not stopping.is_set():
-            waiting = batch.rows or in_transaction
+            waiting = not batch.empty or in_transaction
             message = await stream.read(self.quiet if waiting else self.idle_poll)
             if message is None:
                 if not in_transaction:
                     await self._close(stream, batch, on_batch)
                     batch = Batch()
                 continue
-            _, payload = message
-            change = orjson.loads(payload)
+            change = orjson.loads(message[1])
             action = change["action"]
             if action == "B":
-                xid, committed_at = int(change["xid"]), change.get("timestamp")
-                skipping = skip is not None and skip.saw(xid)
-                pending = []
+                xid, committed_at = str(change["xid"]), change.get("timestamp") or ""
+                skipping = skip is not None and skip.saw(int(xid))
+                relevant = bookings = False
                 in_transaction = True
                 continue
             if action == "C":
                 in_transaction = False
-                if pending:
-                    if not batch.rows:
+                if relevant:
+                    if batch.empty:
                         batch.started = time.monotonic()
-                    batch.rows.extend(pending)
                     batch.transactions += 1
-                    pending = []
+                    if committed_at:
+                        batch.commits.append(committed_at)
+                    if bookings:
+                        batch.booking_xids.append(xid)
                 batch.end = lsn_bytes(change["nextlsn"])
-                if len(batch.rows) >= self.max_rows or (
-                    batch.rows and time.monotonic() - batch.started >= self.max_delay
+                if not batch.empty and (
+                    batch.versions >= self.max_rows
+                    or time.monotonic() - batch.started >= self.max_delay
                 ):
                     await self._close(stream, batch, on_batch)
                     batch = Batch()
                 continue
             if action == "M":
-                # a marker: the transaction counts as a change, so the position is recorded
-                pending.append((len(pending), xid, None, "M", None, None, *(None,) * 8))
-                if not change.get("transactional", True):
-                    batch.rows.extend(pending)
-                    pending = []
+                # a marker: the position is recorded even if nothing else changed
+                if batch.empty:
+                    batch.started = time.monotonic()
+                batch.markers += 1
                 continue
             if skipping:
                 continue
+            relevant = True
             relation = change["table"]
             if action == "T":
-                pending.append((len(pending), xid, relation, "T", None, committed_at, *(None,) * 8))
+                batch.truncate = True
+                if relation == "bookings":
+                    # everything before the truncate is gone with it
+                    batch.truncated = True
+                    batch.delta.clear()
                 continue
-            for sign, key in ((1, "columns"), (-1, "identity")):
-                fields = change.get(key)
-                if fields is None:
-                    continue
-                values = {field["name"]: field.get("value") for field in fields}
-                if relation == "salons":
-                    values["salon_id"] = values.get("id")
-                pending.append(
-                    (
-                        len(pending),
-                        xid,
-                        relation,
-                        action,
-                        sign,
-                        committed_at,
-                        *(values.get(column) for column in _COLUMNS),
-                    )
-                )
+            self._add(batch, relation, change)
+            bookings = bookings or relation == "bookings"
+
+    @staticmethod
+    def _add(batch: Batch, relation: str, change: dict[str, Any]) -> None:
+        """Net a row change's versions into the batch; note the salons it touches."""
+        delta, touched = batch.delta, batch.touched
+        for sign, key in ((1, "columns"), (-1, "identity")):
+            fields = change.get(key)
+            if fields is None:
+                continue
+            values = {field["name"]: field.get("value") for field in fields}
+            salon = values.get("id" if relation == "salons" else "salon_id")
+            if salon is not None:
+                touched.add(str(salon))
+            if relation == "bookings":
+                version = tuple(values[column] for column in DELTA_COLUMNS)
+                delta[version] = delta.get(version, 0) + sign
+                batch.versions += 1
 
     async def _close(
         self,
@@ -440,11 +458,11 @@ class Folder:
         slot would hold it (PostgreSQL's own subscriber does the same).
         """
         end = batch.end
-        if not batch.rows:
+        if batch.empty:
             end = max(end or 0, stream.wal_end)
         if end is None or end <= self.applied:
             return
-        if not batch.rows:
+        if batch.empty:
             idle = time.monotonic() - self._recorded_at
             if end - self.applied < IDLE_ADVANCE_BYTES and idle < IDLE_ADVANCE_SECONDS:
                 return
@@ -452,7 +470,7 @@ class Folder:
         self.applied = end
         self._recorded_at = time.monotonic()
         await stream.send_status(end)
-        if on_batch is not None and batch.rows:
+        if on_batch is not None and not batch.empty:
             on_batch(batch)
 
     async def _apply(self, batch: Batch, end: int) -> None:
@@ -462,16 +480,7 @@ class Folder:
             if position.state is not State.CURRENT or position.applied != self.applied:
                 raise Restart
             async with connection.transaction():
-                if batch.rows:
-                    async with (
-                        connection.cursor() as cursor,
-                        cursor.copy(
-                            f"COPY {derived.BATCH} (ordinal, xid, relation, action, sign,"
-                            f" committed_at, {', '.join(_COLUMNS)}) FROM STDIN"
-                        ) as copy,
-                    ):
-                        for ordinal, row in enumerate(batch.rows):
-                            await copy.write_row((ordinal, *row[1:]))
+                if not batch.empty:
                     await self._fold(batch)
                 lsn = format_lsn(end)
                 await connection.execute(
@@ -488,65 +497,56 @@ class Folder:
                 )
 
     async def _fold(self, batch: Batch) -> None:
-        execute = self.connection.execute
-        row = await (
-            await execute(
-                f"SELECT max(ordinal) FILTER (WHERE action = 'T'),"
-                f" count(*) FILTER (WHERE sign IS NOT NULL)"
-                f" FROM {derived.BATCH} WHERE relation = 'bookings'"
-            )
-        ).fetchone()
-        assert row is not None
-        truncated_at, versions = row
-        if truncated_at is not None:
-            # Everything before the truncate is gone with it.
-            batch.truncated = True
+        connection = self.connection
+        execute = connection.execute
+        if batch.truncated:
             for table in derived.TABLES:
                 await execute(f"DELETE FROM {table}")
-            await execute(
-                f"DELETE FROM {derived.BATCH} WHERE relation = 'bookings' AND ordinal < %s",
-                (truncated_at,),
-            )
+        versions = [(*version, n) for version, n in batch.delta.items() if n]
         if versions:
+            async with (
+                connection.cursor() as cursor,
+                cursor.copy(
+                    f"COPY {derived.BATCH} ({', '.join(DELTA_COLUMNS)}, n) FROM STDIN"
+                ) as copy,
+            ):
+                for version in versions:
+                    await copy.write_row(version)
             for table in derived.COUNTERS:
                 await execute(derived.fold_counter(table))
             for statement in derived.FOLD_VISITS:
                 await execute(statement)
-            await self._wait_visible()
+            await self._wait_visible(batch.booking_xids)
             for table in derived.FIRSTS:
                 for statement in derived.fold_first(table):
                     await execute(statement)
-        row = await (
-            await execute(
-                f"""
-                SELECT bool_or(action = 'T'), string_agg(DISTINCT salon_id::text, ',')
-                FROM {derived.BATCH}
-                """
-            )
-        ).fetchone()
-        assert row is not None
-        truncate, salons = row
-        if truncate or (salons is not None and len(salons) > NOTIFY_PAYLOAD_LIMIT):
+        salons: str | None = None
+        if batch.truncate:
             salons = "*"
+        elif batch.touched:
+            salons = ",".join(sorted(batch.touched, key=int))
+            if len(salons) > NOTIFY_PAYLOAD_LIMIT:
+                salons = "*"
         if salons is not None:
             await execute("SELECT pg_notify(%s, %s)", (INVALIDATION_CHANNEL, salons))
             batch.salons = salons
         # Commit -> applied, per transaction, on the database's clock; the commit follows.
-        lags = await (
-            await execute(
-                f"""
-                SELECT extract(epoch FROM clock_timestamp() - committed_at)::float8
-                FROM (SELECT DISTINCT xid, committed_at FROM {derived.BATCH}
-                      WHERE committed_at IS NOT NULL) AS t
-                """
-            )
-        ).fetchall()
-        batch.lags = [max(0.0, lag) for (lag,) in lags]
+        if batch.commits:
+            lags = await (
+                await execute(
+                    "SELECT extract(epoch FROM clock_timestamp() - t)::float8"
+                    " FROM unnest(%s::timestamptz[]) AS t",
+                    (batch.commits,),
+                )
+            ).fetchall()
+            batch.lags = [max(0.0, lag) for (lag,) in lags]
 
-    async def _wait_visible(self, timeout: float = 10.0) -> None:
+    async def _wait_visible(self, xids: list[str], timeout: float = 10.0) -> None:
+        if not xids:
+            return
         deadline = time.monotonic() + timeout
         while True:
-            row = await (await self.connection.execute(_NOT_YET_VISIBLE)).fetchone()
+            row = await (await self.connection.execute(_NOT_YET_VISIBLE, (xids,))).fetchone()
             if row is None or row[0] == 0:
                 return
             if time.monotonic() > deadline:
