@@ -76,6 +76,7 @@ from benchmarks.dataset import Dataset, ensure_dataset
 from benchmarks.stats import machine, write_results
 from service.auth import issue_token
 from service.config import get_settings
+from telemetry.stats.hit_rate import cache_hit_rate
 
 PREFIX = "/api/v1/optimized-reports"
 STATS_PATH = f"{PREFIX}/performance/stats"
@@ -574,6 +575,7 @@ def cache_counts(server: Server, admin_token: str) -> dict[str, Any]:
         "hits": cache["hits"],
         "stale": cache["stale"],
         "misses": cache["misses"],
+        "errors": cache["errors"],
         "workers": stats["workers"],
         "partial": stats["partial"],
     }
@@ -583,13 +585,15 @@ def hit_rate(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     hits = after["hits"] - before["hits"]
     stale = after["stale"] - before["stale"]
     misses = after["misses"] - before["misses"]
-    lookups = hits + stale + misses
+    errors = after["errors"] - before["errors"]
+    rate = cache_hit_rate(hits, stale, misses, errors)  # telemetry/README.md, "Cache hit rate"
     return {
         "hits": hits,
         "stale": stale,
         "misses": misses,
-        "lookups": lookups,
-        "hit_rate": round((hits + stale) / lookups, 4) if lookups else None,
+        "errors": errors,
+        "lookups": hits + stale + misses + errors,
+        "hit_rate": None if rate is None else round(rate, 4),
         "workers_reporting": after["workers"],
         "partial": after["partial"],
     }

@@ -6,7 +6,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-from telemetry.stats import RequestQueryTracker
+from telemetry.nplusone import RequestQueryTracker
 
 
 @dataclass(slots=True)

@@ -32,7 +32,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from telemetry import attributes as attr
 from telemetry.context import RequestContext, current_request
 from telemetry.metrics import Instruments
-from telemetry.stats import StatsAggregator, statement_fingerprint
+from telemetry.nplusone import statement_fingerprint
+from telemetry.stats import StatsAggregator
 
 logger = logging.getLogger("salon_reports.n_plus_one")
 

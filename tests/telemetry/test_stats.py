@@ -14,16 +14,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from telemetry.nplusone import RequestQueryTracker, statement_fingerprint
 from telemetry.sketch import LatencySketch
 from telemetry.stats import (
     OTHER_SERIES,
-    RequestQueryTracker,
     StatsAggregator,
     Thresholds,
     cache_hit_rate,
     merge_snapshots,
     render,
-    statement_fingerprint,
 )
 
 DASHBOARD = "GET /api/v1/optimized-reports/dashboard"
@@ -98,9 +97,9 @@ def test_scripted_workload_gives_exactly_its_counts(clock: FakeClock) -> None:
 
         cache = response[window]["cache"]
         assert (cache["hits"], cache["misses"], cache["stale"]) == (30, 7, 3)
-        assert (cache["errors"], cache["bypass"], cache["lookups"]) == (2, 5, 40)
-        assert cache["hit_rate"] == 33 / 40
-        assert cache["by_report"]["dashboard"]["hit_rate"] == 33 / 40
+        assert (cache["errors"], cache["bypass"], cache["lookups"]) == (2, 5, 42)
+        assert cache["hit_rate"] == 33 / 42
+        assert cache["by_report"]["dashboard"]["hit_rate"] == 33 / 42
         assert cache["by_report"]["dashboard"]["errors"] == 2
         assert cache["by_report"]["realtime"] == {
             "hits": 0,
@@ -174,27 +173,37 @@ def test_response_shape(clock: FakeClock) -> None:
     json.dumps(response)  # the body is JSON as it stands
 
 
-def test_hit_rate_counts_stale_as_hit_and_leaves_out_bypass_and_error(clock: FakeClock) -> None:
-    assert cache_hit_rate(hits=6, stale=2, misses=2) == 0.8
-    assert cache_hit_rate(hits=0, stale=0, misses=0) is None
+def test_hit_rate_counts_stale_as_hit_error_as_not_served_and_leaves_out_bypass(
+    clock: FakeClock,
+) -> None:
+    # telemetry/README.md, "Cache hit rate": (hit + stale) / (hit + stale + miss + error).
+    assert cache_hit_rate(hits=6, stale=2, misses=2, errors=0) == 0.8
+    assert cache_hit_rate(hits=6, stale=2, misses=2, errors=10) == 0.4
+    assert cache_hit_rate(hits=0, stale=0, misses=0, errors=0) is None
     stats = aggregator(clock)
     for result in ["hit"] * 6 + ["stale"] * 2 + ["miss"] * 2:
         stats.record_cache("bookings", result)
     before = body(stats)["last_5m"]["cache"]["hit_rate"]
-    for result in ["bypass"] * 50 + ["error"] * 50:
-        stats.record_cache("bookings", result)
+    for _ in range(50):
+        stats.record_cache("bookings", "bypass")
+    assert body(stats)["last_5m"]["cache"]["hit_rate"] == before == 0.8
+    for _ in range(10):
+        stats.record_cache("bookings", "error")
     after = body(stats)["last_5m"]["cache"]
-    assert before == after["hit_rate"] == 0.8
-    assert (after["bypass"], after["errors"], after["lookups"]) == (50, 50, 10)
+    assert after["hit_rate"] == 0.4
+    assert (after["bypass"], after["errors"], after["lookups"]) == (50, 10, 20)
 
 
-def test_only_bypass_and_errors_give_no_hit_rate(clock: FakeClock) -> None:
+def test_only_bypass_gives_no_hit_rate(clock: FakeClock) -> None:
     stats = aggregator(clock)
     stats.record_cache("dashboard", "bypass")
-    stats.record_cache("dashboard", "error")
     response = body(stats)
     assert response["last_5m"]["cache"]["hit_rate"] is None
     assert alert(response, "cache_hit_rate")["breached"] is False
+    stats.record_cache("dashboard", "error")  # a lookup the cache did not serve
+    response = body(stats)
+    assert response["last_5m"]["cache"]["hit_rate"] == 0.0
+    assert alert(response, "cache_hit_rate")["breached"] is False  # one lookup: below the floor
 
 
 def test_rejects_an_unknown_cache_result_without_counting_it(clock: FakeClock) -> None:
@@ -353,8 +362,8 @@ def test_two_workers_add_up(clock: FakeClock) -> None:
     assert (endpoint["count"], endpoint["errors"], endpoint["client_errors"]) == (48, 4, 2)
     assert endpoint["max_ms"] == 60.0
     cache = response["last_5m"]["cache"]
-    assert (cache["hits"], cache["misses"], cache["stale"], cache["lookups"]) == (30, 15, 3, 48)
-    assert cache["hit_rate"] == 33 / 48
+    assert (cache["hits"], cache["misses"], cache["stale"], cache["lookups"]) == (30, 15, 3, 50)
+    assert cache["hit_rate"] == 33 / 50  # the first worker's 2 errors are lookups too
     query = response["last_5m"]["queries"]["report.dashboard"]
     assert (query["calls"], query["rows"], query["slow_calls"]) == (18, 340, 14)
     assert query["mean_ms"] == pytest.approx((5_500.0 + 8 * 700.0) / 18)
@@ -481,20 +490,20 @@ def test_query_p95_alert_reads_the_last_window_only(clock: FakeClock) -> None:
     assert (entry["breached"], entry["value"]) == (False, None)
 
 
-@pytest.mark.parametrize(("hits", "breached"), [(14, False), (13, True)])
+@pytest.mark.parametrize(("hits", "breached"), [(42, False), (41, True)])
 def test_hit_rate_alert_boundary(clock: FakeClock, hits: int, breached: bool) -> None:
     stats = aggregator(clock)
-    for index in range(20):
+    for index in range(60):
         stats.record_cache("dashboard", "hit" if index < hits else "miss")
     entry = alert(body(stats), "cache_hit_rate")
-    assert entry["value"] == hits / 20
+    assert entry["value"] == hits / 60
     assert entry["threshold"] == 0.70
     assert entry["breached"] is breached
 
 
 def test_hit_rate_alert_waits_for_its_minimum_sample(clock: FakeClock) -> None:
     stats = aggregator(clock)
-    for _ in range(19):
+    for _ in range(59):
         stats.record_cache("dashboard", "miss")
     for _ in range(30):
         stats.record_cache("dashboard", "bypass")  # not lookups: they do not make the sample
