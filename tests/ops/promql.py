@@ -238,11 +238,33 @@ def dashboard_legend_labels(files: list[Path] | None = None) -> list[tuple[str, 
     return found
 
 
+def recording_rules(files: list[Path] | None = None) -> dict[str, set[str]]:
+    """Series recorded by the rule files -> the labels their rules set (``labels:``).
+
+    Prometheus makes them from the service's series, so they are never in ``/metrics``: the
+    metrics their expressions read are (those are checked like any other)."""
+    recorded: dict[str, set[str]] = {}
+    for path in files or RULE_FILES:
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                if "record" in rule:
+                    labels = recorded.setdefault(rule["record"], set())
+                    labels.update(rule.get("labels", {}))
+    return recorded
+
+
+def recorded_labels() -> set[str]:
+    """Labels that recording rules attach (``slo``): on recorded series, not in /metrics."""
+    return set().union(*recording_rules().values())
+
+
 def read_metric_names() -> dict[str, set[str]]:
-    """Every metric name read by a rule or a dashboard -> where it is read."""
+    """Every metric name read by a rule or a dashboard -> where it is read, recorded series
+    (made by the rules themselves) left out."""
     names: dict[str, set[str]] = {}
+    recorded = recording_rules()
     for where, expr in rule_expressions() + dashboard_expressions():
-        for name in analyse(expr).metrics:
+        for name in analyse(expr).metrics - set(recorded):
             names.setdefault(name, set()).add(where)
     return names
 

@@ -19,6 +19,8 @@ from tests.ops.promql import (
     dashboard_metric_names,
     dashboard_panels,
     read_metric_names,
+    recorded_labels,
+    recording_rules,
     rule_expressions,
 )
 from tests.ops.tools import (
@@ -122,7 +124,8 @@ def test_dashboards_and_rules_read_only_contract_metrics() -> None:
 def test_dashboards_and_rules_use_only_contract_labels_and_values() -> None:
     terms = contract()
     # `worker`: /metrics labels every series with the worker that recorded it (telemetry/README.md)
-    allowed = terms.labels | PROMETHEUS_LABELS | {"worker"}
+    # `slo`: set by the recording rules of alerts/slo.rules.yml
+    allowed = terms.labels | PROMETHEUS_LABELS | {"worker"} | recorded_labels()
     for where, expr in rule_expressions() + dashboard_expressions():
         analysis = analyse(expr)
         assert analysis.labels <= allowed, f"{where}: unknown labels {analysis.labels - allowed}"
@@ -165,6 +168,8 @@ def test_every_contract_metric_is_on_a_dashboard() -> None:
         "Freshness lag p50/p99",
         "Change stream backlog and retained WAL",
         "Change stream state",
+        "Error budget left (30 days)",
+        "Error budget burn rate",
     ],
 )
 def test_required_panel_exists_with_data(title: str) -> None:
@@ -179,6 +184,9 @@ def test_required_panel_exists_with_data(title: str) -> None:
         ("Cache hit rate by report", 0.7),
         ("Freshness lag p50/p99", 5),
         ("Change stream backlog and retained WAL", 1024**3),
+        ("Error budget burn rate", 14.4),
+        ("Error budget burn rate", 6),
+        ("Error budget burn rate", 1),
     ],
 )
 def test_threshold_lines(title: str, threshold: float) -> None:
@@ -252,3 +260,21 @@ def test_grafana_home_dashboard_is_a_provisioned_file() -> None:
     directory = provider["options"]["path"]
     assert home.startswith(directory + "/")
     assert (DASHBOARDS / home[len(directory) + 1 :]).resolve() == MAIN_DASHBOARD.resolve()
+
+
+def test_error_budget_panels_read_the_slo_recording_rules() -> None:
+    """Budget left over the SLO's 30 days, burn rates over the alerts' long windows: both
+    from the ratios alerts/slo.rules.yml records, divided by the recorded budget."""
+    recorded = recording_rules()
+    left = analyse(" ".join(t["expr"] for t in panel("Error budget left (30 days)")["targets"]))
+    assert left.metrics == {"slo:sli_error:ratio_rate30d", "slo:error_budget:ratio"}
+    burn = panel("Error budget burn rate")["targets"]
+    read = set().union(*(analyse(target["expr"]).metrics for target in burn))
+    assert read == {
+        "slo:sli_error:ratio_rate1h",
+        "slo:sli_error:ratio_rate6h",
+        "slo:sli_error:ratio_rate3d",
+        "slo:error_budget:ratio",
+    }
+    assert (left.metrics | read) <= set(recorded)
+    assert all("{{slo}}" in target["legendFormat"] for target in burn)

@@ -42,6 +42,7 @@ from tests.ops.promql import (
     contract,
     dashboard_expressions,
     dashboard_metric_names,
+    recorded_labels,
     rule_expressions,
 )
 from tests.support import redis_process
@@ -266,12 +267,12 @@ async def test_every_label_and_exact_value_the_promql_uses_is_exposed(
     every_label = set().union(*(exposition.labels(name) for name in exposition.names))
     for where, expr in rule_expressions() + dashboard_expressions():
         analysis = analyse(expr)
-        missing = analysis.labels - every_label - (PROMETHEUS_LABELS - {"le"})
+        missing = analysis.labels - every_label - (PROMETHEUS_LABELS - {"le"}) - recorded_labels()
         assert not missing, f"{where}: labels {sorted(missing)} are on no series of /metrics"
         for label, op, value in analysis.matchers:
             # Exact matches only: `!=` may exclude a value this workload does not produce
             # (cache_result="bypass" needs Redis down); the contract test checks those.
-            if label in PROMETHEUS_LABELS - {"le"} or op != "=":
+            if label in (PROMETHEUS_LABELS - {"le"}) | recorded_labels() or op != "=":
                 continue
             assert value in exposition.values(label), (
                 f"{where}: matches {label}{op}{value!r}, a value /metrics never has "

@@ -24,6 +24,7 @@ from tests.ops.promstack import (
     compress_rules,
     format_duration,
     parse_duration,
+    wait_until,
 )
 from tests.ops.tools import PROMETHEUS_CONFIG, RULE_FILES, assert_tool_ok, require_tool, run_tool
 
@@ -105,7 +106,11 @@ def test_slow_queries_page_the_webhook_then_resolve() -> None:
         WebhookReceiver() as webhook,
         PromStack(stub.target, webhook.url, time_scale=30) as stack,
     ):
-        assert [group["name"] for group in stack.rule_groups()] == ["salon-reports"]
+        assert sorted(group["name"] for group in stack.rule_groups()) == [
+            "salon-reports",
+            "salon-reports-slo",
+            "salon-reports-slo-budget",
+        ]
         # Healthy: several evaluations with data, longer than the compressed `for` of 2 s,
         # and not even a pending alert (SalonReportsDown's absent(up) included).
         for _ in range(6):
@@ -147,6 +152,111 @@ def test_slow_queries_page_the_webhook_then_resolve() -> None:
     assert time.monotonic() - started < 60
 
 
+class StubRequests:
+    """A /metrics endpoint with the report requests' duration histogram, up or down on demand.
+
+    At every scrape it adds the requests of the time elapsed since the previous one: ``up``
+    is 50 requests/s answered 200 in 20 ms, ``down`` 50 requests/s answered 503 in 5 ms. The
+    503 series appears with the first 503, as it does in the service.
+    """
+
+    ROUTE = "/api/v1/optimized-reports/dashboard"
+
+    def __init__(self) -> None:
+        self.mode = "up"
+        self._counts: dict[str, float] = {}  # status code -> requests
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = stub.exposition().encode()
+                self.send_response(200 if self.path == "/metrics" else 404)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.target = f"127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> StubRequests:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def exposition(self) -> str:
+        with self._lock:
+            now = time.monotonic()
+            elapsed, self._last = now - self._last, now
+            status = "200" if self.mode == "up" else "503"
+            self._counts[status] = self._counts.get(status, 0.0) + 50.0 * elapsed
+            counts = dict(self._counts)
+        name = "http_server_request_duration_seconds"
+        lines = [f"# HELP {name} Duration of HTTP server requests.", f"# TYPE {name} histogram"]
+        for status, count in sorted(counts.items()):
+            labels = (
+                f'http_request_method="GET",http_route="{self.ROUTE}",'
+                f'http_response_status_code="{status}"'
+            )
+            duration = 0.02 if status == "200" else 0.005
+            for bound in (*BUCKETS, float("inf")):
+                le = "+Inf" if bound == float("inf") else repr(float(bound)).removesuffix(".0")
+                inside = count if duration <= bound else 0
+                lines.append(f'{name}_bucket{{{labels},le="{le}"}} {int(inside)}')
+            lines.append(f"{name}_sum{{{labels}}} {count * duration}")
+            lines.append(f"{name}_count{{{labels}}} {int(count)}")
+        return "\n".join(lines) + "\n"
+
+
+@pytest.mark.timeout(120)
+def test_a_total_outage_burns_the_availability_budget_and_pages() -> None:
+    """alerts/slo.rules.yml in a real Prometheus (windows compressed 60 times: 1 h is 60 s, the
+    short windows 5 s and 30 s): healthy traffic pages nobody; every request answered 503
+    pages SalonReportsErrorBudgetBurn for the availability SLO, with its runbook and dashboard
+    links, and it resolves once the short windows have seen the recovery."""
+    with (
+        StubRequests() as stub,
+        WebhookReceiver() as webhook,
+        PromStack(stub.target, webhook.url, time_scale=60) as stack,
+    ):
+        # Healthy for a while: the ratio is 0 (no 5xx series at all), not absent, and no alert.
+        assert wait_until(
+            lambda: stack.query('slo:sli_error:ratio_rate5m{slo="availability"} == 0'), 15
+        ), stack.logs()
+        for _ in range(6):
+            assert stack.alerts() == [], stack.alerts()
+            time.sleep(0.5)
+
+        stub.mode = "down"
+        firing = webhook.wait_for("SalonReportsErrorBudgetBurn", "firing", timeout=40)
+        assert firing["receiver"] == "pager", firing
+        assert firing["labels"]["slo"] == "availability"
+        assert firing["labels"]["severity"] == "page"
+        bases = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["global"]["external_labels"]
+        assert firing["annotations"]["runbook_url"] == (
+            f"{bases['runbook_base_url']}#salonreportserrorbudgetburn"
+        )
+        assert firing["annotations"]["dashboard_url"].startswith(
+            f"{bases['grafana_url']}/d/salon-reports-overview?viewPanel="
+        )
+        # A 503 answers fast: the latency SLO (answered requests over 100 ms) is not burnt.
+        latency = [alert for alert in webhook.alerts() if alert["labels"].get("slo") == "latency"]
+        assert latency == [], latency
+
+        stub.mode = "up"
+        webhook.wait_for("SalonReportsErrorBudgetBurn", "resolved", timeout=60, slo="availability")
+
+
 # -- the helpers themselves -------------------------------------------------------------------
 
 
@@ -168,22 +278,29 @@ def test_compression_divides_windows_and_for_durations(tmp_path: Path) -> None:
         "max_over_time(rate(x[5s])[60s:2s])"
     )
     written = compress_rules(RULE_FILES, tmp_path, time_scale=30)
-    original = {
-        rule["alert"]: rule
+    original = [
+        rule
         for path in RULE_FILES
         for group in yaml.safe_load(path.read_text())["groups"]
         for rule in group["rules"]
-    }
-    for path in written:
-        for group in yaml.safe_load(path.read_text())["groups"]:
-            for rule in group["rules"]:
-                source = original[rule["alert"]]
-                expected = max(parse_duration(source["for"]) / 30, 1)
-                assert parse_duration(rule["for"]) == expected
-                assert "[5m]" not in rule["expr"]
-                assert "[10m]" not in rule["expr"]
-                assert rule["annotations"] == source["annotations"]
-                assert rule["labels"] == source["labels"]
+    ]
+    compressed = [
+        rule
+        for path in written
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+    ]
+    assert len(compressed) == len(original)
+    for rule, source in zip(compressed, original, strict=True):
+        assert rule.get("alert") == source.get("alert")
+        assert rule.get("record") == source.get("record")
+        if "for" in source:
+            expected = max(parse_duration(source["for"]) / 30, 1)
+            assert parse_duration(rule["for"]) == expected
+        for window in ("5m", "10m", "1h", "3d", "30d"):
+            assert f"[{window}]" not in rule["expr"]
+        assert rule.get("annotations") == source.get("annotations")
+        assert rule.get("labels") == source.get("labels")
     promtool = require_tool("promtool")
     assert_tool_ok(run_tool([promtool, "check", "rules", *map(str, written)]))
 
