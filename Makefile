@@ -11,10 +11,12 @@ DEMO_BOOKINGS ?= 200000
 # (e.g. `make bench BENCH_WRITES_SECONDS=3 BENCH_WRITES_ROUNDS=1` for a quick look).
 BENCH_WRITES_SECONDS ?= 8
 BENCH_WRITES_ROUNDS ?= 3
-# `make services REPLICA=1` also starts a streaming replica of PostgreSQL (see scripts/services.sh).
+# `make services REPLICA=1 PGBOUNCER=1` also starts a streaming replica of PostgreSQL and a
+# PgBouncer in front of it (see scripts/services.sh).
 REPLICA ?= 0
+PGBOUNCER ?= 0
 
-.PHONY: run test services services-with-replica stop lint bench loadtest chaos install ops-tools browser-tools clean
+.PHONY: run test services services-for-tests stop lint bench loadtest chaos install ops-tools browser-tools clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,11 +27,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 services:
-	@REPLICA=$(REPLICA) scripts/services.sh start
+	@REPLICA=$(REPLICA) PGBOUNCER=$(PGBOUNCER) scripts/services.sh start
 
-# The tests read from a real streaming replica (tests/test_read_replica.py).
-services-with-replica:
-	@REPLICA=1 scripts/services.sh start
+# The tests also need a real streaming replica (tests/test_read_replica.py) and a PgBouncer in
+# transaction pooling mode (tests/test_pgbouncer.py).
+services-for-tests:
+	@REPLICA=1 PGBOUNCER=1 scripts/services.sh start
 
 stop:
 	@scripts/services.sh stop
@@ -48,7 +51,7 @@ run: install services
 	@scripts/banner.sh $(HOST) $(PORT)
 	@$(BIN)/salon-reports serve --host $(HOST) --port $(PORT)
 
-test: install services-with-replica ops-tools browser-tools
+test: install services-for-tests ops-tools browser-tools
 	$(BIN)/pytest
 
 lint: install

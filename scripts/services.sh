@@ -4,13 +4,16 @@
 #   scripts/services.sh start   # idempotent; prints the URLs
 #   scripts/services.sh stop    # stops what `start` started
 #   REPLICA=1 scripts/services.sh start   # also a streaming replica (hot standby) of PostgreSQL
+#   PGBOUNCER=1 scripts/services.sh start # also a PgBouncer in transaction pooling mode
 #
 # Both servers listen on 127.0.0.1 only, on ports that do not collide with a system
 # instance (PG_PORT, default 55432; REDIS_PORT, default 56379), with their data under
 # .local/ (git-ignored). With REPLICA=1 a physical streaming replica of that cluster runs on
 # REPLICA_PORT (default PG_PORT + 1): `pg_basebackup` through its own replication slot and role,
 # read-only (hot standby); its URL goes into .env as REPLICA_DATABASE_URL (tests use it; the
-# service reads replicas only through REPORTS_READ_DATABASE_URL). PostgreSQL refuses to run as root, so as root the cluster is
+# service reads replicas only through REPORTS_READ_DATABASE_URL). With PGBOUNCER=1 a PgBouncer
+# (installed when missing) pools connections to that cluster in transaction mode on
+# PGBOUNCER_PORT (default PG_PORT + 2), URL in .env as PGBOUNCER_DATABASE_URL. PostgreSQL refuses to run as root, so as root the cluster is
 # run as the unprivileged `postgres` user; a normal user runs it as themselves.
 set -euo pipefail
 
@@ -20,6 +23,8 @@ PG_PORT="${PG_PORT:-55432}"
 REPLICA_PORT="${REPLICA_PORT:-$((PG_PORT + 1))}"
 REPLICA="${REPLICA:-0}"
 REPLICATION_USER="${REPLICATION_USER:-salon_replication}"
+PGBOUNCER="${PGBOUNCER:-0}"
+PGBOUNCER_PORT="${PGBOUNCER_PORT:-$((PG_PORT + 2))}"
 REDIS_PORT="${REDIS_PORT:-56379}"
 PG_DB="${PG_DB:-salon_reports}"
 PG_USER="${PG_USER:-salon}"
@@ -226,6 +231,68 @@ replica_stop() {
     fi
 }
 
+# PgBouncer in transaction pooling mode in front of the primary: every database of the cluster,
+# few server connections per database and user (so client transactions really share them).
+pgbouncer_dir() { echo "$(dirname "$(pg_datadir)")/pgbouncer"; }
+
+pgbouncer_running() {
+    local pidfile
+    pidfile="$(pgbouncer_dir)/pgbouncer.pid"
+    [[ -s "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+}
+
+pgbouncer_start() {
+    command -v pgbouncer >/dev/null 2>&1 || install_packages pgbouncer
+    local dir
+    dir="$(pgbouncer_dir)"
+    if pgbouncer_running; then
+        say "PgBouncer already running on 127.0.0.1:$PGBOUNCER_PORT"
+        return
+    fi
+    mkdir -p "$dir"
+    cat >"$dir/pgbouncer.ini" <<CONF
+[databases]
+* = host=127.0.0.1 port=$PG_PORT
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGBOUNCER_PORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $dir/userlist.txt
+pool_mode = transaction
+default_pool_size = 8
+max_client_conn = 1000
+server_reset_query =
+ignore_startup_parameters = extra_float_digits
+logfile = $dir/pgbouncer.log
+pidfile = $dir/pgbouncer.pid
+admin_users = postgres
+CONF
+    printf '"%s" ""\n"postgres" ""\n' "$PG_USER" >"$dir/userlist.txt"
+    say "starting PgBouncer (transaction pooling) on 127.0.0.1:$PGBOUNCER_PORT"
+    if [[ "$(id -u)" -eq 0 ]]; then
+        chown -R postgres "$dir"
+        runuser -u postgres -- pgbouncer -d "$dir/pgbouncer.ini" \
+            || die "PgBouncer did not start (see $dir/pgbouncer.log)"
+    else
+        pgbouncer -d "$dir/pgbouncer.ini" || die "PgBouncer did not start (see $dir/pgbouncer.log)"
+    fi
+    local _
+    for _ in $(seq 50); do
+        pgbouncer_running && return
+        sleep 0.1
+    done
+    die "PgBouncer did not start (see $dir/pgbouncer.log)"
+}
+
+pgbouncer_stop() {
+    if pgbouncer_running; then
+        say "stopping PgBouncer"
+        kill "$(cat "$(pgbouncer_dir)/pgbouncer.pid")"
+    fi
+}
+
 redis_start() {
     mkdir -p "$LOCAL/redis"
     if redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1; then
@@ -257,7 +324,7 @@ write_env() {
     local secret=""
     if [[ -f "$ENV_FILE" ]]; then
         secret="$(sed -n 's/^REPORTS_JWT_SECRET=//p' "$ENV_FILE" | tail -1)"
-        grep -vE '^(DATABASE_URL|REDIS_URL|REPORTS_JWT_SECRET|REPLICA_DATABASE_URL)=' "$ENV_FILE" >"$ENV_FILE.tmp" || true
+        grep -vE '^(DATABASE_URL|REDIS_URL|REPORTS_JWT_SECRET|REPLICA_DATABASE_URL|PGBOUNCER_DATABASE_URL)=' "$ENV_FILE" >"$ENV_FILE.tmp" || true
     else
         : >"$ENV_FILE.tmp"
     fi
@@ -270,10 +337,13 @@ write_env() {
         if replica_running; then
             echo "REPLICA_DATABASE_URL=postgresql+psycopg://$PG_USER:$PG_USER@127.0.0.1:$REPLICA_PORT/$PG_DB"
         fi
+        if pgbouncer_running; then
+            echo "PGBOUNCER_DATABASE_URL=postgresql+psycopg://$PG_USER:$PG_USER@127.0.0.1:$PGBOUNCER_PORT/$PG_DB"
+        fi
     } >"$ENV_FILE"
     rm -f "$ENV_FILE.tmp"
     chmod 600 "$ENV_FILE"
-    say "wrote DATABASE_URL, REDIS_URL, REPORTS_JWT_SECRET (and REPLICA_DATABASE_URL) to .env"
+    say "wrote DATABASE_URL, REDIS_URL, REPORTS_JWT_SECRET (and the replica's, PgBouncer's URLs) to .env"
 }
 
 case "${1:-start}" in
@@ -282,11 +352,13 @@ case "${1:-start}" in
         if wal2json_missing; then install_packages "postgresql-$(pg_major)-wal2json"; fi
         pg_start
         if [[ "$REPLICA" == 1 ]]; then replica_start; fi
+        if [[ "$PGBOUNCER" == 1 ]]; then pgbouncer_start; fi
         redis_start
         write_env
         ;;
     stop)
         redis_stop
+        pgbouncer_stop
         replica_stop
         pg_stop
         ;;

@@ -130,7 +130,7 @@ app.add_typer(rollups, name="rollups")
 def _dsn() -> str:
     from service.db import libpq_url
 
-    return libpq_url(get_settings().database_url)
+    return libpq_url(get_settings().session_database_url)
 
 
 def _rebuild(*, quiet: bool) -> None:

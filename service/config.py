@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     )
     database_url: str = Field(..., alias="DATABASE_URL")
     read_database_url: str | None = Field(None, alias="REPORTS_READ_DATABASE_URL")
+    # Behind a transaction-pooling PgBouncer: the listener and the change stream need a session
+    # of their own (LISTEN, the replication protocol, session advisory locks), so they connect
+    # here; the pools' per-session settings become per-transaction ones (``db.async_engine``).
+    direct_database_url: str | None = Field(None, alias="REPORTS_DIRECT_DATABASE_URL")
+    transaction_pooling: bool = Field(False, alias="REPORTS_DB_TRANSACTION_POOLING")
     redis_url: str = Field("", alias="REDIS_URL")
     jwt_secret: str = Field(DEV_PLACEHOLDER_SECRET, alias="REPORTS_JWT_SECRET", repr=False)
     jwt_leeway: float = Field(30.0, alias="REPORTS_JWT_LEEWAY", ge=0, le=3600)
@@ -85,6 +90,11 @@ class Settings(BaseSettings):
     @property
     def report_database_url(self) -> str:
         return self.read_database_url or self.database_url
+
+    @property
+    def session_database_url(self) -> str:
+        """Where connections that need a server session of their own go."""
+        return self.direct_database_url or self.database_url
 
     def cache_ttl(self, report: str) -> int:
         ttls = {

@@ -59,6 +59,7 @@ def _engine(settings: Settings, url: str) -> AsyncEngine:
         max_overflow=settings.pool_max_overflow,
         pool_timeout=settings.pool_timeout,
         statement_timeout_ms=settings.statement_timeout_ms,
+        transaction_pooling=settings.transaction_pooling,
     )
 
 
@@ -113,12 +114,12 @@ async def start_resources(settings: Settings, telemetry: Telemetry) -> Resources
     listener = None
     publisher = None
     if redis is not None:
-        listener = InvalidationListener(libpq_url(settings.database_url), cache)
+        listener = InvalidationListener(libpq_url(settings.session_database_url), cache)
         cache.listener_healthy = False  # until the listener has connected
         listener.start()
         publisher = StatsPublisher(redis, telemetry)
         publisher.start()
-    primary_dsn = libpq_url(settings.database_url)
+    primary_dsn = libpq_url(settings.session_database_url)
     stream = StreamStatus()
     telemetry.instruments.stream = stream.gauges
     monitor = StreamMonitor(primary_dsn, stream, on_current=cache.clear_all)
