@@ -40,7 +40,10 @@ REQUIRED_SERVICES = {
     "grafana",
 }
 # Images without a shell or HTTP client to run a health check with, and why.
-NO_HEALTHCHECK = {"otel-collector": "otel/opentelemetry-collector-contrib is FROM scratch"}
+NO_HEALTHCHECK = dict.fromkeys(
+    ("otel-collector", "otel-gateway", "otel-sampler"),
+    "otel/opentelemetry-collector-contrib is FROM scratch",
+)
 # SPEC §2: what `docker compose up` serves on the host.
 PUBLISHED = {SERVICE: 8000, "jaeger": 16686, "grafana": 3000, "prometheus": 9090}
 
@@ -77,8 +80,14 @@ def endpoint(address: str) -> tuple[str, int]:
     return parsed.hostname, parsed.port
 
 
-def service_running(image_prefix: str) -> str:
-    names = [name for name, s in services().items() if s.get("image", "").startswith(image_prefix)]
+def service_running(image_prefix: str, profile: str | None = None) -> str:
+    """The one service of ``profile`` (None: of the default stack) running that image."""
+    names = [
+        name
+        for name, s in services().items()
+        if s.get("image", "").startswith(image_prefix)
+        and (profile in s.get("profiles", []) if profile else not s.get("profiles"))
+    ]
     assert len(names) == 1, f"expected one service running {image_prefix}, found {names}"
     return names[0]
 
@@ -88,6 +97,24 @@ def environment(name: str) -> dict[str, str]:
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
     return {key: str(value) for key, value in env.items()}
+
+
+def expand(value: str, variables: dict[str, str] | None = None) -> str:
+    """``value`` with compose's ``${NAME:-default}`` substituted from ``variables``."""
+    given = variables or {}
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: given.get(m.group(1)) or m.group(2), value)
+
+
+def scrape_targets(config: dict[str, Any]) -> dict[str, list[tuple[str, int]]]:
+    """(host, port) per Prometheus job: static targets, and DNS names with their port."""
+    targets: dict[str, list[tuple[str, int]]] = {}
+    for job in config["scrape_configs"]:
+        found = [endpoint(t) for sc in job.get("static_configs", []) for t in sc["targets"]]
+        for sd in job.get("dns_sd_configs", []):
+            assert sd["type"] == "A", job["job_name"]
+            found += [(name, int(sd["port"])) for name in sd["names"]]
+        targets[job["job_name"]] = found
+    return targets
 
 
 # -- compose ------------------------------------------------------------------------------------
@@ -171,7 +198,7 @@ def test_no_secret_is_written_in_compose() -> None:
 
 
 def test_service_exports_to_the_collector() -> None:
-    host, port = endpoint(environment(SERVICE)["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    host, port = endpoint(expand(environment(SERVICE)["OTEL_EXPORTER_OTLP_ENDPOINT"]))
     assert host == service_running("otel/opentelemetry-collector-contrib")
     http_receiver = collector()["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
     assert endpoint(http_receiver)[1] == port == 4318
@@ -203,10 +230,7 @@ def test_prometheus_gets_the_project_config_and_rules() -> None:
 
 def test_prometheus_scrapes_services_of_the_stack() -> None:
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-    targets = {
-        job["job_name"]: [endpoint(t) for sc in job["static_configs"] for t in sc["targets"]]
-        for job in config["scrape_configs"]
-    }
+    targets = scrape_targets(config)
     assert targets[SERVICE] == [(SERVICE, 8000)]
     assert 8000 in listening_ports(SERVICE)
     for job, addresses in targets.items():
@@ -314,12 +338,7 @@ def test_collector_metrics_reach_prometheus() -> None:
     assert "prometheus" in metrics["exporters"]
     _, port = endpoint(collector()["exporters"]["prometheus"]["endpoint"])
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-    scraped = {
-        endpoint(t)
-        for job in config["scrape_configs"]
-        for sc in job["static_configs"]
-        for t in sc["targets"]
-    }
+    scraped = {address for found in scrape_targets(config).values() for address in found}
     assert ("otel-collector", port) in scraped
     assert port in listening_ports("otel-collector")
 
