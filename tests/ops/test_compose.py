@@ -24,6 +24,7 @@ from tests.ops.tools import (
     COMPOSE_FILE,
     DOCKERFILE,
     DOCKERIGNORE,
+    JAEGER_CONFIG,
     PROMETHEUS_CONFIG,
     ROOT,
 )
@@ -352,6 +353,66 @@ def test_tail_sampling_keeps_slow_and_error_traces() -> None:
     assert "OTEL_TRACES_SAMPLER" in COLLECTOR_CONFIG.read_text()  # the interaction, explained
 
 
+# -- Jaeger and its Monitor tab (SPM) ----------------------------------------------------------
+
+
+def jaeger() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load(JAEGER_CONFIG.read_text())
+    return document
+
+
+def test_jaeger_config_is_mounted_where_its_command_reads_it() -> None:
+    service = services()["jaeger"]
+    (config_arg,) = [arg for arg in service["command"] if arg.startswith("--config")]
+    path = config_arg.split("=", 1)[1]
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
+    assert (COMPOSE_FILE.parent / mounted[path]).resolve() == JAEGER_CONFIG.resolve()
+
+
+def test_jaeger_receives_what_the_collector_sends_and_answers_its_checks() -> None:
+    config = jaeger()
+    pipeline = config["service"]["pipelines"]["traces"]
+    for kind in ("receivers", "processors", "exporters"):
+        assert set(pipeline[kind]) == set(config[kind]), f"jaeger: unused or undefined {kind}"
+    assert set(config["service"]["extensions"]) == set(config["extensions"])
+    grpc = config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
+    assert endpoint(grpc) == ("0.0.0.0", 4317)
+    assert 4317 in listening_ports("jaeger")
+    query = config["extensions"]["jaeger_query"]
+    assert endpoint(query["http"]["endpoint"]) == ("0.0.0.0", 16686)
+    health = config["extensions"]["healthcheckv2"]["http"]["endpoint"]
+    assert str(endpoint(health)[1]) in " ".join(services()["jaeger"]["healthcheck"]["test"])
+    storage = config["extensions"]["jaeger_storage"]
+    assert query["storage"]["traces"] in storage["backends"]
+    assert config["exporters"]["jaeger_storage_exporter"]["trace_storage"] in storage["backends"]
+
+
+def test_jaeger_monitor_tab_reads_the_collectors_span_metrics_from_prometheus() -> None:
+    """SPM: Jaeger queries Prometheus for the names and labels the spanmetrics connector
+    exports and Prometheus scrapes; a mismatch leaves the Monitor tab empty, silently."""
+    config = jaeger()
+    query = config["extensions"]["jaeger_query"]
+    backends = config["extensions"]["jaeger_storage"]["metric_backends"]
+    assert query["storage"].get("metrics") in backends, "the Monitor tab has no metric storage"
+    spm = backends[query["storage"]["metrics"]]["prometheus"]
+    host, port = endpoint(spm["endpoint"])
+    assert services()[host]["image"].startswith("prom/prometheus:")
+    assert port in listening_ports(host)
+
+    connector = collector()["connectors"]["spanmetrics"]
+    exported_namespace = connector["namespace"].replace(".", "_")
+    assert spm["metric_namespace"] == exported_namespace
+    assert spm["normalize_calls"] is True  # counters are exported with _total
+    assert spm["normalize_duration"] is True  # and histograms with their unit
+    assert spm["latency_unit"] == connector["histogram"]["unit"] == "s"
+    # The connector's default dimensions (service.name, span.name, span.kind, status.code)
+    # are the labels SPM groups and filters by: none of them is switched off.
+    assert not connector.get("exclude_dimensions")
+    # Prometheus scrapes the collector's exporter, where these series are.
+    assert "spanmetrics" in pipelines()["metrics"]["receivers"]
+    assert "prometheus" in pipelines()["metrics"]["exporters"]
+
+
 # -- the image ----------------------------------------------------------------------------------
 
 
@@ -443,6 +504,7 @@ def test_no_stray_files_under_ops_dirs() -> None:
     for path in [
         COMPOSE_FILE,
         COLLECTOR_CONFIG,
+        JAEGER_CONFIG,
         *Path(ROOT / "alerts").rglob("*.yml"),
         *Path(ROOT / "dashboards").rglob("*.yml"),
     ]:

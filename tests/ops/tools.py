@@ -21,6 +21,7 @@ PROMETHEUS_CONFIG = ALERTS / "prometheus.yml"
 ALERTMANAGER_CONFIG = ALERTS / "alertmanager.yml"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 COLLECTOR_CONFIG = ROOT / "otel-collector.yaml"
+JAEGER_CONFIG = ROOT / "jaeger.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 DASHBOARD_FILES = sorted(DASHBOARDS.glob("*.json"))
