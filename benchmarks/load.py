@@ -76,6 +76,7 @@ from benchmarks.dataset import Dataset, ensure_dataset
 from benchmarks.stats import machine, write_results
 from service.auth import issue_token
 from service.config import get_settings
+from service.reports.names import CACHED_REPORTS
 from telemetry.stats.hit_rate import cache_hit_rate
 
 PREFIX = "/api/v1/optimized-reports"
@@ -1109,7 +1110,7 @@ def steady_state(
     """The Zipf mix's simulated steady-state hit rate at the measured rate, 100 and 1000 req/s."""
     measured = [float(run["rps"]) for run in runs if run["workload"] == "zipf"]
     rates = sorted({100.0, 1000.0, *([max(measured)] if measured else [])})
-    ttls = {name: settings.cache_ttl(name) for name in ("dashboard", "bookings", "professionals")}
+    ttls = {str(name): settings.cache_ttl(name) for name in CACHED_REPORTS}
     longest = max(ttls.values()) + 600
     requests = zipf_requests(salon_ids, today, int(max(rates) * longest) + 1)
     return [simulated_hit_rate(requests, rate, ttls, settings.cache_stale_grace) for rate in rates]

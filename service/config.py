@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.reports.names import ReportName
+
 DEV_PLACEHOLDER_SECRET = "dev-only-insecure-secret-change-me"
 MIN_SECRET_BYTES = 32
 # Words of secrets copied from an example rather than generated.
@@ -88,21 +90,18 @@ class Settings(BaseSettings):
     jaeger_url: str = Field("http://localhost:16686", alias="REPORTS_JAEGER_URL")
 
     @property
-    def report_database_url(self) -> str:
-        return self.read_database_url or self.database_url
-
-    @property
     def session_database_url(self) -> str:
         """Where connections that need a server session of their own go."""
         return self.direct_database_url or self.database_url
 
     def cache_ttl(self, report: str) -> int:
+        """Seconds a cached report stays fresh (``report``: one of ``CACHED_REPORTS``)."""
         ttls = {
-            "dashboard": self.cache_ttl_dashboard,
-            "bookings": self.cache_ttl_bookings,
-            "professionals": self.cache_ttl_professionals,
+            ReportName.DASHBOARD: self.cache_ttl_dashboard,
+            ReportName.BOOKINGS: self.cache_ttl_bookings,
+            ReportName.PROFESSIONALS: self.cache_ttl_professionals,
         }
-        return ttls[report]
+        return ttls[ReportName(report)]
 
     @property
     def weak_secret(self) -> str | None:

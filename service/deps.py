@@ -2,46 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.auth import InvalidToken, Principal, TokenVerifier
-from service.cache import ReportCache
-from service.cache.listener import InvalidationListener
-from service.changes.consumer import ChangeConsumer, StreamMonitor, StreamStatus
-from service.config import Settings
+from service.auth import InvalidToken, Principal
 from service.errors import APIError
-from service.reports.service import ReportService
-from service.schema_version import expected_revisions
-from telemetry.setup import Telemetry
-
-if TYPE_CHECKING:
-    from service.performance import StatsPublisher
-    from telemetry.sql import SqlTelemetry
-
-
-@dataclass
-class Resources:
-    """Everything the app creates in its lifespan and tears down after."""
-
-    settings: Settings
-    engine: AsyncEngine
-    read_engine: AsyncEngine
-    cache: ReportCache
-    reports: ReportService
-    listener: InvalidationListener | None
-    telemetry: Telemetry
-    tokens: TokenVerifier
-    publisher: StatsPublisher | None = None
-    sql_hooks: list[SqlTelemetry] = field(default_factory=list)
-    schema_heads: frozenset[str] = field(default_factory=expected_revisions)  # read at start
-    stream: StreamStatus = field(default_factory=lambda: StreamStatus())
-    stream_monitor: StreamMonitor | None = None
-    consumer: ChangeConsumer | None = None
+from service.resources import Resources
 
 
 # Every dependency is `async def`: a plain `def` one is run in a worker thread, which costs
@@ -80,13 +48,6 @@ async def authenticate(request: Request) -> Principal:
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
-
-
-async def get_report_service(resources: ResourcesDep) -> ReportService:
-    return resources.reports
-
-
-ReportServiceDep = Annotated[ReportService, Depends(get_report_service)]
 
 
 async def require_admin(principal: PrincipalDep) -> Principal:

@@ -1,5 +1,8 @@
 """JSON errors: every failure leaves as ``{"error": {"code", "message"}}``, never HTML.
 
+The errors, their JSON body, the OpenAPI declaration of that body (``error_responses``) and the
+handlers that turn every failure into it.
+
 An unhandled exception is answered by ``AnswerUnhandledErrors``, inside the telemetry
 middleware, so that its 500 carries ``X-Trace-Id`` like every other response; the exception
 then goes on up, for the server span to record it and for Starlette to log it.
@@ -14,6 +17,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -57,6 +61,40 @@ class CacheUnavailable(APIError):
             "the cache (Redis) cannot be reached, so it was not cleared; retry shortly",
             {"Retry-After": str(max(1, math.ceil(retry_after)))},
         )
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    error: ErrorDetail
+
+
+ERROR_DESCRIPTIONS = {
+    400: "Malformed cursor",
+    401: "Missing, invalid or expired token",
+    403: "Valid token, but the salon or report is out of its scope",
+    404: "Unknown salon",
+    414: "Query string too long",
+    413: "The body is too large",
+    415: "The body is not JSON",
+    422: "Invalid parameters (or a parameter given twice)",
+    503: "Database unavailable (retry after the Retry-After header)",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` declaring the JSON error body for each of ``statuses``."""
+    return {
+        status: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[status]}
+        for status in statuses
+    }
 
 
 def error_response(

@@ -5,8 +5,8 @@ admin or ops token once, keeps it in the tab's memory only (no cookie, no storag
 ``/api/v1/optimized-reports/performance/stats`` with it every few seconds, drawing the answer
 as inline SVG with a small script of its own (``service/static/page.js``: no chart library, no
 CDN, no build step). A strict Content-Security-Policy lets the page load only this service's
-script and style and talk only to this service; the one thing the server fills in is the
-Jaeger UI address (``REPORTS_JAEGER_URL``) its trace links point at.
+script and style and talk only to this service; the server fills in the API prefix
+(``service.paths``) and the Jaeger UI address (``REPORTS_JAEGER_URL``) its trace links point at.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service.deps import ResourcesDep
+from service.paths import API_PREFIX
 
 STATIC = Path(__file__).with_name("static")
 
@@ -77,7 +78,9 @@ def jaeger_base_url(url: str) -> str:
 
 
 def render_page(jaeger_url: str) -> str:
-    return page_template().substitute(jaeger_url=html.escape(jaeger_base_url(jaeger_url)))
+    return page_template().substitute(
+        jaeger_url=html.escape(jaeger_base_url(jaeger_url)), api_prefix=html.escape(API_PREFIX)
+    )
 
 
 @router.get("/performance", include_in_schema=False)

@@ -39,10 +39,11 @@ import psycopg
 from service.auth import issue_token
 from service.config import Settings, get_settings
 from service.db import libpq_url
+from service.paths import API_PREFIX
+from service.reports.names import ReportName
 
-PREFIX = "/api/v1/optimized-reports"
 # Ranked by popularity; the Zipf weights make the first of each list the most requested.
-REPORTS = ("dashboard", "bookings", "professionals", "realtime")
+REPORTS = tuple(ReportName)
 # (days, ending this many days ago)
 WINDOWS = ((30, 0), (7, 0), (90, 0), (365, 0), (30, 30), (14, 0), (180, 0), (7, 7))
 ZIPF_EXPONENT = 1.1
@@ -198,12 +199,12 @@ def _request(
     params: dict[str, str] = {}
     if rng.random() >= PLATFORM_SHARE:
         params["salon_id"] = str(salons())
-    if report != "realtime":
+    if report != ReportName.REALTIME:
         days, ago = windows()
         end = datetime.now(UTC).date() - timedelta(days=ago)
         params["start"] = (end - timedelta(days=days - 1)).isoformat()
         params["end"] = end.isoformat()
-    return f"{PREFIX}/{report}", params
+    return f"{API_PREFIX}/{report}", params
 
 
 async def _one_request(

@@ -30,8 +30,8 @@ from service.auth import issue_token
 from service.changes.consumer import ChangeConsumer, wait_applied
 from service.config import Settings
 from service.db import libpq_url, migrate, with_database
-from service.deps import Resources
-from service.main import create_app, start_resources, stop_resources
+from service.main import create_app
+from service.resources import Resources, start_resources, stop_resources
 from telemetry.setup import Telemetry, configure
 from tests.factories import small_dataset
 

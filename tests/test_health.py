@@ -18,7 +18,8 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from service.config import Settings
 from service.db import MIGRATIONS_DIR, libpq_url, with_database
-from service.main import create_app, start_resources, stop_resources
+from service.main import create_app
+from service.resources import start_resources, stop_resources
 from service.schema_version import expected_revisions, schema_problem
 from telemetry.setup import configure
 from tests.conftest import Api, app_settings, create_database

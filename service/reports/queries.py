@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service.reports.names import ReportName
 from service.reports.params import (
     STATUSES,
     BookingFilters,
@@ -39,11 +40,9 @@ from service.reports.params import (
     Status,
 )
 
-QUERY_NAMES = {
-    "dashboard": "report.dashboard",
-    "bookings": "report.bookings",
-    "professionals": "report.professionals",
-    "realtime": "report.realtime",
+# The name of each statement in spans, metrics and the stats (``db.query.summary``).
+QUERY_NAMES: dict[str, str] = {
+    **{str(report): f"report.{report}" for report in ReportName},
     "salon": "salon.lookup",
 }
 
@@ -357,7 +356,8 @@ def dashboard_sql(scope: Scope) -> str:
 async def dashboard_metrics(conn: AsyncConnection, scope: Scope, period: Period) -> dict[str, Any]:
     """Totals, rates, client counts, top services and the daily series of one period."""
     result = await conn.execute(
-        text(dashboard_sql(scope)).execution_options(**_named("dashboard")), _bind(scope, period)
+        text(dashboard_sql(scope)).execution_options(**_named(ReportName.DASHBOARD)),
+        _bind(scope, period),
     )
     row = result.one()
     unique_clients = int(row.unique_clients)
@@ -468,7 +468,7 @@ async def booking_metrics(
         status=filters.status,
     )
     result = await conn.execute(
-        text(bookings_sql(scope, filters)).execution_options(**_named("bookings")), params
+        text(bookings_sql(scope, filters)).execution_options(**_named(ReportName.BOOKINGS)), params
     )
     row = result.one()
     return {
@@ -589,7 +589,7 @@ async def professional_performance(
     """One keyset page of per-professional figures, ranked by revenue across the whole scope."""
     params = _bind(scope, period, after_id=after_id, page_rows=limit + 1)
     result = await conn.execute(
-        text(professionals_sql(scope)).execution_options(**_named("professionals")), params
+        text(professionals_sql(scope)).execution_options(**_named(ReportName.PROFESSIONALS)), params
     )
     rows = result.all()
     items = [
@@ -623,7 +623,8 @@ async def realtime_metrics(conn: AsyncConnection, scope: Scope, today: date) -> 
     """Today's (local) bookings by status and the revenue completed so far."""
     period = Period(start=today, end=today)
     result = await conn.execute(
-        text(realtime_sql(scope)).execution_options(**_named("realtime")), _bind(scope, period)
+        text(realtime_sql(scope)).execution_options(**_named(ReportName.REALTIME)),
+        _bind(scope, period),
     )
     row = result.one()
     return {

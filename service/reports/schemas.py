@@ -6,7 +6,6 @@ Money is integer cents; rates are floats in [0, 1] rounded to 4 decimals.
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -165,33 +164,3 @@ class RealtimeReport(_Model):
     bookings_total: int
     by_status: StatusCounts
     revenue_cents: int
-
-
-class ErrorDetail(_Model):
-    code: str
-    message: str
-
-
-class ErrorBody(_Model):
-    error: ErrorDetail
-
-
-ERROR_DESCRIPTIONS = {
-    400: "Malformed cursor",
-    401: "Missing, invalid or expired token",
-    403: "Valid token, but the salon or report is out of its scope",
-    404: "Unknown salon",
-    414: "Query string too long",
-    413: "The body is too large",
-    415: "The body is not JSON",
-    422: "Invalid parameters (or a parameter given twice)",
-    503: "Database unavailable (retry after the Retry-After header)",
-}
-
-
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses=`` declaring the JSON error body for each of ``statuses``."""
-    return {
-        status: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[status]}
-        for status in statuses
-    }

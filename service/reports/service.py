@@ -26,10 +26,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.auth import Principal
 from service.cache import CacheEntry, CacheResult, Outcome, ReportCache, build_key
+from service.cache.listener import broadcast_clear
 from service.changes.consumer import StreamStatus
 from service.config import Settings
 from service.errors import APIError, database_error
 from service.reports import queries, replica
+from service.reports.names import ReportName
 from service.reports.params import (
     PLATFORM_TIMEZONE,
     BookingFilters,
@@ -195,12 +197,20 @@ class ReportService:
             self._timezone_changes[salon_id] = self._timezone_changes.get(salon_id, 0) + 1
             self._timezones.pop(salon_id, None)
 
+    async def clear_cache(self, report: ReportName | None, salon_id: int | None) -> int:
+        """The admin clear: one salon's cached reports (of one report or all), else every
+        salon's, in this worker and Redis; the other workers drop their local copies when the
+        broadcast reaches them. Returns how many entries went."""
+        deleted = await self.cache.clear(report, salon_id)
+        await broadcast_clear(self.primary or self.engine, report, salon_id)
+        return deleted
+
     def today(self, scope: Scope) -> date:
         return local_today(scope.timezone)
 
     async def _cached(
         self,
-        report: str,
+        report: ReportName,
         principal: Principal,
         scope: Scope,
         params: dict[str, Any],
@@ -228,7 +238,7 @@ class ReportService:
             return _serialise(DashboardReport(meta=self._meta(scope, period), **data))
 
         params = {"start": period.start.isoformat(), "end": period.end.isoformat()}
-        return await self._cached("dashboard", principal, scope, params, compute)
+        return await self._cached(ReportName.DASHBOARD, principal, scope, params, compute)
 
     async def bookings(
         self,
@@ -254,7 +264,7 @@ class ReportService:
             "service_id": filters.service_id,
             "status": filters.status,
         }
-        return await self._cached("bookings", principal, scope, params, compute)
+        return await self._cached(ReportName.BOOKINGS, principal, scope, params, compute)
 
     async def professionals(
         self,
@@ -284,7 +294,7 @@ class ReportService:
             "limit": limit,
             "after": after_id,
         }
-        return await self._cached("professionals", principal, scope, params, compute)
+        return await self._cached(ReportName.PROFESSIONALS, principal, scope, params, compute)
 
     async def realtime(self, scope: Scope) -> Outcome:
         """Never cached: today's figures straight from the database."""

@@ -14,7 +14,9 @@
 "use strict";
 
 (() => {
-  const STATS_URL = "/api/v1/optimized-reports/performance/stats";
+  // The API prefix is the server's (service/paths.py), filled into the page.
+  const API_PREFIX = document.querySelector('meta[name="api-prefix"]').content;
+  const STATS_URL = `${API_PREFIX}/performance/stats`;
   const TARGET_MS = 100; // the target: report query p95 under 100 ms (docs/performance.md)
   const ALERT_MS = 500; // the query-time alert (telemetry/README.md)
   const MEMORY_LINE = 0.8; // the memory alert (telemetry/README.md)
@@ -194,7 +196,7 @@
 
   /** "GET /api/v1/optimized-reports/dashboard" -> "GET …/dashboard" (the title keeps it all). */
   function shortRoute(route) {
-    return route.replace(" /api/v1/optimized-reports/", " …/");
+    return route.replace(` ${API_PREFIX}/`, " …/");
   }
 
   function truncate(text, length) {

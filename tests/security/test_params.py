@@ -31,7 +31,7 @@ import httpx
 import orjson
 import pytest
 
-from service.reports.endpoints import DATE_PATTERN
+from service.reports.http import DATE_PATTERN
 from service.reports.params import EARLIEST_DATE, LATEST_DATE
 from tests.security.conftest import PREFIX, REPORTS, LiveServer, assert_json_error, raw_request
 

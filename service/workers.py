@@ -1,0 +1,135 @@
+"""Worker synchronisation: each worker publishes what it counted, any worker answers for all.
+
+With several workers each one publishes its stats snapshot and its metrics exposition to Redis
+every ``PUBLISH_INTERVAL_SECONDS`` (``sr:stats:workers`` and ``sr:metrics:workers``, one field
+per worker); ``/performance/stats`` and ``/metrics`` merge the fresh ones (younger than
+``FRESH_FOR_SECONDS``) with the answering worker's own. Without Redis a worker answers for
+itself alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+from prometheus_client import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
+
+from telemetry.metrics import memory_limit_bytes, rss_bytes
+from telemetry.setup import Telemetry
+
+STATS_KEY = "sr:stats:workers"
+METRICS_KEY = "sr:metrics:workers"
+WORKER_LABEL = "worker"
+PUBLISH_INTERVAL_SECONDS = 2.0
+FRESH_FOR_SECONDS = 15.0
+
+
+def local_snapshot(telemetry: Telemetry) -> dict[str, Any]:
+    pool = {"size": 0, "in_use": 0, "waiting": 0, "timeouts": 0}
+    for gauges in telemetry.instruments.pools:
+        status = gauges.read()
+        pool["size"] += status.max
+        pool["in_use"] += status.in_use
+        pool["waiting"] += status.waiting
+        pool["timeouts"] += status.timeouts
+    memory = {"rss_bytes": rss_bytes(), "limit_bytes": memory_limit_bytes()}
+    stream = telemetry.instruments.stream
+    return telemetry.stats.snapshot(
+        pool=pool, memory=memory, change_stream=None if stream is None else stream.as_dict()
+    )
+
+
+class StatsPublisher:
+    """Shares this worker's snapshot through Redis for the other workers' stats endpoint."""
+
+    def __init__(self, redis: Redis, telemetry: Telemetry) -> None:
+        self.redis = redis
+        self.telemetry = telemetry
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="stats-publisher")
+
+    async def stop(self) -> None:
+        # A flag, not cancel(): a cancellation landing inside a redis-py call can be swallowed,
+        # and the task would then never end.
+        self._stopping.set()
+        if self._task is not None:
+            await self._task
+        with contextlib.suppress(Exception):
+            await self.redis.hdel(STATS_KEY, self.telemetry.instance_id)
+            await self.redis.hdel(METRICS_KEY, self.telemetry.instance_id)
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(Exception):
+                await self.publish()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), PUBLISH_INTERVAL_SECONDS)
+
+    async def publish(self) -> None:
+        now = time.time()
+        payload = orjson.dumps({"at": now, "snapshot": local_snapshot(self.telemetry)})
+        exposition = orjson.dumps(
+            {"at": now, "text": generate_latest(self.telemetry.registry).decode()}
+        )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(STATS_KEY, self.telemetry.instance_id, payload)
+            pipe.expire(STATS_KEY, int(FRESH_FOR_SECONDS * 4))
+            pipe.hset(METRICS_KEY, self.telemetry.instance_id, exposition)
+            pipe.expire(METRICS_KEY, int(FRESH_FOR_SECONDS * 4))
+            await pipe.execute()
+
+
+async def other_workers(
+    redis: Redis, instance_id: str, key: str = STATS_KEY, field: str = "snapshot"
+) -> list[tuple[str, Any]]:
+    """The fresh publications of the other workers (and forget the ones gone quiet)."""
+    entries = await redis.hgetall(key)
+    now = time.time()
+    snapshots = []
+    stale = []
+    for worker, raw in entries.items():
+        name = worker.decode() if isinstance(worker, bytes) else str(worker)
+        if name == instance_id:
+            continue
+        try:
+            published = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            stale.append(name)
+            continue
+        if now - float(published.get("at", 0)) > FRESH_FOR_SECONDS:
+            stale.append(name)  # a worker that stopped without saying goodbye
+            continue
+        snapshots.append((name, published[field]))
+    if stale:
+        await redis.hdel(key, *stale)
+    return snapshots
+
+
+class Combined:
+    """A collector replaying several workers' expositions, each series labelled by worker."""
+
+    def __init__(self, expositions: list[tuple[str, str]]) -> None:
+        self.expositions = expositions
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for worker, text in self.expositions:
+            for family in text_string_to_metric_families(text):
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = Metric(family.name, family.documentation, family.type, family.unit)
+                    families[family.name] = merged
+                for sample in family.samples:
+                    labels = {**sample.labels, WORKER_LABEL: worker}
+                    merged.samples.append(sample._replace(labels=labels))
+        yield from families.values()
