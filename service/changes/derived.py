@@ -60,6 +60,9 @@ TABLES = (*COUNTERS, *VISIT_TABLES, *FIRSTS)
 # ``n``, the number of times it was added (+) or removed (-) in the batch, never 0.
 BATCH = "stream_delta"
 DELTA = f"SELECT * FROM {BATCH}"
+# First-booking versions the batch's transactions added (n = +1) or removed (n = -1), each
+# transaction netted on its own (see ``stream.Batch``).
+FIRSTS_BATCH = "stream_firsts"
 
 
 # -- counters ------------------------------------------------------------------------------
@@ -190,11 +193,9 @@ def fold_first(table: str) -> tuple[str, str]:
     on_table = " AND ".join(f"f.{key} = r.{key}" for key in keys)
     on_bookings = " AND ".join(f"b.{key} = a.{key}" for key in keys)
     on_removed = " AND ".join(f"f.{key} = o.{key}" for key in keys)
-    # the batch's net change per (key, scheduled_at): status and price changes cancel here
-    added = f"SELECT {columns}, scheduled_at FROM {BATCH} GROUP BY {columns}, scheduled_at"
     earlier = f"""
         INSERT INTO {table} AS t ({columns}, first_at)
-        SELECT {columns}, min(scheduled_at) FROM ({added} HAVING sum(n) > 0) AS n
+        SELECT {columns}, min(scheduled_at) FROM {FIRSTS_BATCH} WHERE n > 0
         GROUP BY {columns}
         ORDER BY {columns}
         ON CONFLICT ({columns}) DO UPDATE SET first_at = EXCLUDED.first_at
@@ -202,8 +203,8 @@ def fold_first(table: str) -> tuple[str, str]:
     """
     recount = f"""
         WITH affected AS (
-            SELECT DISTINCT {columns} FROM ({added} HAVING sum(n) < 0) AS o
-            WHERE NOT EXISTS (
+            SELECT DISTINCT {columns} FROM {FIRSTS_BATCH} AS o
+            WHERE n < 0 AND NOT EXISTS (
                 SELECT FROM {table} f WHERE {on_removed} AND f.first_at < o.scheduled_at
             )
         ),

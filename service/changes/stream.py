@@ -115,14 +115,23 @@ class Position:
 class Batch:
     """Changes gathered up to a transaction boundary, then what folding them did.
 
-    Booking row versions are netted as they arrive: ``delta`` maps a version's relevant columns
-    (``DELTA_COLUMNS``) to +1 per new version and -1 per old one, summed. Every derived table is
-    a function of the multiset of those projections over ``bookings``, so a version added and
-    removed in the same batch (a booking inserted and then confirmed, say) cancels out before
-    anything reaches the database.
+    Booking row versions are netted as they arrive. ``delta`` maps a version's relevant columns
+    (``DELTA_COLUMNS``) to +1 per new version and -1 per old one, summed over the batch: the
+    counters and visit days are sums over those versions, kept as pure deltas, so a version
+    added and removed in the same batch (a booking inserted and then confirmed) cancels out.
+
+    First bookings are not pure deltas: a key whose first booking may have gone is recomputed
+    from ``bookings`` as it is at fold time, which can already include later transactions. If
+    one of those later transactions removes what the recomputation saw, it must trigger another
+    recomputation when its batch comes, even if the same batch also added the version back.
+    So their versions (``FIRST_COLUMNS``) are netted only within each transaction, whose
+    intermediate states nobody can see, and kept per batch as two sets: ``added`` and
+    ``removed``.
     """
 
     delta: dict[tuple[Any, ...], int] = field(default_factory=dict)
+    added: set[tuple[Any, ...]] = field(default_factory=set)
+    removed: set[tuple[Any, ...]] = field(default_factory=set)
     versions: int = 0  # booking row versions received (+1 and -1), before netting
     end: int | None = None  # end of the last complete transaction's commit record
     transactions: int = 0  # transactions with a relevant change
@@ -182,7 +191,17 @@ DELTA_COLUMNS = (
     "price_cents",
 )
 
+# The booking columns the first-booking tables depend on.
+FIRST_COLUMNS = ("salon_id", "client_id", "professional_id", "scheduled_at")
+
 CREATE_BATCH = f"""
+    CREATE TEMP TABLE IF NOT EXISTS {derived.FIRSTS_BATCH} (
+        salon_id bigint NOT NULL,
+        client_id bigint NOT NULL,
+        professional_id bigint NOT NULL,
+        scheduled_at timestamptz NOT NULL,
+        n smallint NOT NULL  -- +1 added, -1 removed
+    ) ON COMMIT DELETE ROWS;
     CREATE TEMP TABLE IF NOT EXISTS {derived.BATCH} (
         salon_id bigint NOT NULL,
         client_id bigint NOT NULL,
@@ -371,6 +390,7 @@ class Folder:
         # it changed anything. A batch closes only between transactions, so the open
         # transaction's changes go straight into the batch.
         xid, committed_at, skipping, relevant, bookings = "0", "", False, False, False
+        firsts: dict[tuple[Any, ...], int] = {}  # the open transaction's first-booking versions
         in_transaction = False  # between a B and its C
         while not stopping.is_set():
             waiting = not batch.empty or in_transaction
@@ -386,6 +406,7 @@ class Folder:
                 xid, committed_at = str(change["xid"]), change.get("timestamp") or ""
                 skipping = skip is not None and skip.saw(int(xid))
                 relevant = bookings = False
+                firsts = {}
                 in_transaction = True
                 continue
             if action == "C":
@@ -398,6 +419,11 @@ class Folder:
                         batch.commits.append(committed_at)
                     if bookings:
                         batch.booking_xids.append(xid)
+                    for version, n in firsts.items():
+                        if n > 0:
+                            batch.added.add(version)
+                        elif n < 0:
+                            batch.removed.add(version)
                 batch.end = lsn_bytes(change["nextlsn"])
                 if not batch.empty and (
                     batch.versions >= self.max_rows
@@ -422,13 +448,19 @@ class Folder:
                     # everything before the truncate is gone with it
                     batch.truncated = True
                     batch.delta.clear()
+                    batch.added.clear()
+                    batch.removed.clear()
+                    firsts.clear()
                 continue
-            self._add(batch, relation, change)
+            self._add(batch, firsts, relation, change)
             bookings = bookings or relation == "bookings"
 
     @staticmethod
-    def _add(batch: Batch, relation: str, change: dict[str, Any]) -> None:
-        """Net a row change's versions into the batch; note the salons it touches."""
+    def _add(
+        batch: Batch, firsts: dict[tuple[Any, ...], int], relation: str, change: dict[str, Any]
+    ) -> None:
+        """Net a row change's versions into the batch (``firsts``: into its transaction's);
+        note the salons it touches."""
         delta, touched = batch.delta, batch.touched
         for sign, key in ((1, "columns"), (-1, "identity")):
             fields = change.get(key)
@@ -441,6 +473,8 @@ class Folder:
             if relation == "bookings":
                 version = tuple(values[column] for column in DELTA_COLUMNS)
                 delta[version] = delta.get(version, 0) + sign
+                first = tuple(values[column] for column in FIRST_COLUMNS)
+                firsts[first] = firsts.get(first, 0) + sign
                 batch.versions += 1
 
     async def _close(
@@ -516,6 +550,17 @@ class Folder:
                 await execute(derived.fold_counter(table))
             for statement in derived.FOLD_VISITS:
                 await execute(statement)
+        if batch.added or batch.removed:
+            async with (
+                connection.cursor() as cursor,
+                cursor.copy(
+                    f"COPY {derived.FIRSTS_BATCH} ({', '.join(FIRST_COLUMNS)}, n) FROM STDIN"
+                ) as copy,
+            ):
+                for version in batch.added:
+                    await copy.write_row((*version, 1))
+                for version in batch.removed:
+                    await copy.write_row((*version, -1))
             await self._wait_visible(batch.booking_xids)
             for table in derived.FIRSTS:
                 for statement in derived.fold_first(table):

@@ -23,14 +23,14 @@ import sys
 import threading
 import time
 from datetime import date
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 import pytest
 
 from service.changes.consumer import wait_applied
-from service.changes.rebuild import rebuild, rebuild_on
-from service.changes.stream import APPLY_LOCK, Position, State
+from service.changes.rebuild import emit_marker, rebuild, rebuild_on
+from service.changes.stream import APPLY_LOCK, Folder, Position, State, read_position
 from service.changes.verify import verify
 from service.config import Settings
 from tests.conftest import (
@@ -387,3 +387,100 @@ async def test_a_rebuild_counts_each_concurrent_write_once(private: tuple[str, s
             "SELECT count(*) FROM bookings WHERE price_cents = 1234"
         ).fetchone()
     assert row == (2,)
+
+
+class _HookedConnection(psycopg.AsyncConnection[Any]):
+    """The fold's connection, with a test hook run before chosen statements."""
+
+    hooks: ClassVar[list[tuple[str, Any]]] = []
+
+    async def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        text = str(query)
+        for index, (start, hook) in enumerate(self.hooks):
+            if text.lstrip().startswith(start):
+                del self.hooks[index]
+                await hook()
+                break
+        return await super().execute(query, *args, **kwargs)
+
+
+async def test_a_first_booking_seen_early_and_removed_later_is_recomputed(
+    private: tuple[str, str],
+) -> None:
+    """The first-booking tables recompute a key from ``bookings`` as it is at fold time, which
+    may already hold a later transaction. The interleaving that would leave a stale first
+    booking if the stream netted versions across transactions:
+
+    1. T1 deletes a client's first booking; its batch starts folding;
+    2. T2 books the same client earlier (committed before the recomputation, after the batch);
+    3. the batch recomputes the key: it sees T2's booking and stores it as the first;
+    4. T3 deletes that booking; T2 and T3 come in the next batch: +1 and -1 at the same time.
+
+    Netted over the batch they cancel and the stale first booking would stay; netted per
+    transaction, T3's removal recomputes the key. The hooks force steps 2 and 4 inside the fold
+    of step 3."""
+    _, dsn = private
+    await wait_applied(dsn)
+    with psycopg.connect(dsn, autocommit=True) as writer:
+        row = writer.execute(  # the earliest booking of a client who has others
+            "SELECT id, client_id, salon_id, professional_id, service_id, scheduled_at"
+            " FROM bookings WHERE client_id IN"
+            " (SELECT client_id FROM bookings GROUP BY 1 HAVING count(*) > 1)"
+            " ORDER BY scheduled_at, id LIMIT 1"
+        ).fetchone()
+        assert row is not None
+        first, client, *booking = row
+        early: list[int] = []
+
+        async def book_earlier() -> None:  # T2, committed before the recomputation
+            inserted = writer.execute(
+                "INSERT INTO bookings (salon_id, client_id, professional_id, service_id,"
+                " scheduled_at, status, price_cents)"
+                " VALUES (%s, %s, %s, %s, %s - interval '9 days', 'confirmed', 1000)"
+                " RETURNING id",
+                (booking[0], client, *booking[1:]),
+            ).fetchone()
+            assert inserted is not None
+            early.append(inserted[0])
+
+        async def delete_it() -> None:  # T3, after the recomputation
+            writer.execute("DELETE FROM bookings WHERE id = %s", (early[0],))
+
+        _HookedConnection.hooks = [
+            ("WITH affected AS", book_earlier),
+            ("SELECT pg_notify", delete_it),
+        ]
+        stopping = asyncio.Event()
+        async with (
+            await _HookedConnection.connect(dsn, autocommit=True) as folding,
+            await psycopg.AsyncConnection.connect(dsn, autocommit=True) as watching,
+        ):
+            # one batch per quiet pause: T2 and T3 land in the same one
+            folder = Folder(folding, dsn, quiet=0.3, max_delay=5.0)
+            running = asyncio.create_task(folder.run(stopping))
+            writer.execute("DELETE FROM bookings WHERE id = %s", (first,))  # T1
+            await _until(_no_hooks_left)
+            marker = await emit_marker(watching)
+
+            async def folded() -> bool:
+                return ((await read_position(watching)).applied or 0) >= marker
+
+            await _until(folded)
+            stopping.set()
+            await running
+    assert early, "the hooks did not run: the interleaving was not forced"
+    with psycopg.connect(dsn) as connection:
+        stored = connection.execute(
+            "SELECT first_at FROM client_first_bookings WHERE client_id = %s", (client,)
+        ).fetchone()
+        truth = connection.execute(
+            "SELECT min(scheduled_at) FROM bookings WHERE client_id = %s", (client,)
+        ).fetchone()
+    assert truth is not None
+    assert truth[0] is not None
+    assert stored == truth
+    assert await verify(dsn, rounds=1) == []
+
+
+async def _no_hooks_left() -> bool:
+    return not _HookedConnection.hooks
