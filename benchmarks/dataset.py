@@ -9,7 +9,7 @@ benchmark data, and returns its SQLAlchemy URL. The data is that of
 A finished load leaves a marker, ``COMMENT ON DATABASE salon_reports_bench`` holding those
 parameters, the day it was seeded (the data is relative to that day; the benchmarks take
 their windows from it, so a dataset seeded last week still measures the same thing) and a
-digest of the code that shaped it (``migrations/versions/*.py`` and ``service/seed.py``). The
+digest of the code that shaped it (``migrations/versions/*.py`` and ``service/tools/seed/``). The
 database is reused when the marker matches and ``bookings`` holds exactly that many rows;
 otherwise it is dropped and rebuilt (about 25 s for the load plus indexes and ``VACUUM
 ANALYZE``): a new or edited migration (a rollup table, say) or another generator never meets
@@ -35,10 +35,10 @@ import psycopg
 from alembic.util.exc import CommandError
 from psycopg import sql
 
-from service import seed as seed_module
 from service.config import get_settings
 from service.db import MIGRATIONS_DIR, libpq_url, migrate, with_database
-from service.seed import seed_database
+from service.tools import seed as seed_module
+from service.tools.seed import seed_database
 
 BENCH_DATABASE = "salon_reports_bench"
 MAINTENANCE_DATABASE = "postgres"
@@ -85,7 +85,8 @@ def bench_url(database_url: str | None = None) -> str:
 def code_digest() -> str:
     """What shapes the dataset besides its parameters: the migrations and the generator."""
     digest = hashlib.sha256()
-    files = [*sorted((MIGRATIONS_DIR / "versions").glob("*.py")), Path(seed_module.__file__ or "")]
+    seed_files = sorted(Path(seed_module.__file__ or "").parent.glob("*.py"))
+    files = [*sorted((MIGRATIONS_DIR / "versions").glob("*.py")), *seed_files]
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]

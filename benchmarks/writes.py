@@ -95,7 +95,7 @@ from service.changes.stream import Batch
 from service.changes.verify import verify
 from service.config import get_settings
 from service.db import libpq_url, migrate, with_database
-from service.seed import seed_database
+from service.tools.seed import seed_database
 
 WRITES_DATABASE = "salon_reports_writes"
 MAINTENANCE_DATABASE = "postgres"

@@ -60,7 +60,7 @@ def seed(
     if_empty: Annotated[bool, typer.Option(help="Do nothing when bookings exist.")] = False,
 ) -> None:
     """Generate a realistic, deterministic dataset with COPY."""
-    from service.seed import seed_database
+    from service.tools.seed import seed_database
 
     summary = seed_database(
         get_settings().database_url,
@@ -118,7 +118,7 @@ def simulate(
     duration: Annotated[float, typer.Option(min=1, max=3600, help="Seconds to run.")] = 60,
 ) -> None:
     """Light, bounded traffic (Zipf report mix and booking writes) for the page and traces."""
-    from service.simulate import simulate as run_simulation
+    from service.tools.simulate import simulate as run_simulation
 
     typer.echo(run_simulation(url=url, rps=rps, writes_per_min=writes_per_min, duration=duration))
 

@@ -9,7 +9,7 @@ import pytest
 
 from service.config import Settings
 from service.db import downgrade, libpq_url, migrate, with_database
-from service.seed import seed_database
+from service.tools.seed import seed_database
 from tests.conftest import _worker_suffix, create_database, drop_database, settle_stream
 from tests.reports.test_rollups import assert_rollups_exact
 

@@ -38,7 +38,7 @@ import redis
 from service.auth import issue_token
 from service.config import Settings
 from service.page import CONTENT_SECURITY_POLICY
-from service.seed import seed_database
+from service.tools.seed import seed_database
 from service.workers import STATS_KEY
 from telemetry.stats import StatsAggregator
 from tests.conftest import Api, RunningApi, app_settings

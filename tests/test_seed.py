@@ -1,4 +1,4 @@
-"""The demo-data generator (``service.seed``) on the real test database.
+"""The demo-data generator (``service.tools.seed``) on the real test database.
 
 Small datasets (a few thousand bookings over 400 days) seeded into the clean test database:
 counts, determinism, referential integrity, statuses against time, local opening hours in
@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from service.models import Base
-from service.seed import DST_TIMEZONES, TIMEZONES, local_day_starts, seed_database
+from service.tools.seed import DST_TIMEZONES, TIMEZONES, local_day_starts, seed_database
 
 TABLES = ("salons", "users", "professionals", "services", "bookings", "audit_events")
 TODAY = date(2026, 3, 25)  # the week after spans the European DST change (29 March)

@@ -16,8 +16,8 @@ import psycopg
 import pytest
 
 from service.config import Settings
-from service.seed import seed_database
-from service.simulate import (
+from service.tools.seed import seed_database
+from service.tools.simulate import (
     DRAIN_SECONDS,
     REPORTS,
     SimulationError,

@@ -8,7 +8,7 @@ import pytest
 
 from service.config import Settings
 from service.db import libpq_url, migrate, with_database
-from service.seed import seed_database
+from service.tools.seed import seed_database
 from tests.conftest import _worker_suffix, create_database, drop_database
 
 

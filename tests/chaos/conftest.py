@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from service.db import migrate
-from service.seed import seed_database
+from service.tools.seed import seed_database
 from tests.chaos.harness import DATABASE, ChaosData, write_entry
 from tests.chaos.servers import PostgresCluster, new_secret
 from tests.support import RedisProcess, redis_process

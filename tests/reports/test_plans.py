@@ -16,7 +16,7 @@ from service.config import Settings
 from service.db import async_engine, libpq_url, migrate, with_database
 from service.reports import queries
 from service.reports.params import BookingFilters, Period, Scope
-from service.seed import seed_database
+from service.tools.seed import seed_database
 from tests.conftest import create_database
 
 BOOKINGS = 100_000

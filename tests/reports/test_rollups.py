@@ -22,7 +22,7 @@ from service.config import Settings
 from service.db import libpq_url, migrate, with_database
 from service.reports import queries
 from service.reports.params import STATUSES, BookingFilters, Period, Scope
-from service.seed import seed_database
+from service.tools.seed import seed_database
 from tests.conftest import _worker_suffix, create_database, drop_database, settle_stream
 from tests.reports.harness import Reports
 from tests.reports.strategies import Case, cases
