@@ -10,6 +10,28 @@ rounds that merge everything announced meanwhile, so a slow Redis delays nothing
 While the connection is down the cache is bypassed (the notifications it misses would leave
 stale entries behind); after reconnecting, everything cached is treated as possibly stale and
 cleared before the cache is used again.
+
+One invalidator for the fleet. Every worker gets every notification, but the Redis side of a
+change is done once: by the listener holding the session advisory lock ``INVALIDATOR_LOCK`` on
+its listening connection (lost with that connection). The others (followers) drop their local
+tier at once, as before, and stop serving the scopes' Redis entries until the invalidator says
+it has invalidated them, through markers on the same channel, which every listener sees in
+the same order as the changes:
+
+1. The invalidator sends ``round:start:<its id>:<round>`` and waits until it receives it: every
+   change notified before that marker has reached it too.
+2. It invalidates in Redis everything announced to it so far, then sends ``round:done:…``.
+3. A follower records, when ``round:start`` arrives, how many changes it had been told of;
+   when the matching ``round:done`` arrives, those are invalidated in Redis: it settles them.
+
+The interleaving this guards against: a change C2 committed while the invalidator's round is
+already under way. C2 reaches a follower before the round's end marker, but the round did not
+cover it; it does precede no start marker of that round, so the follower keeps it pending.
+A follower can only rely on rounds of an invalidator that was listening when the follower's
+changes were sent: each listener announces itself (``listener:<id>``) once it listens, and a
+follower settles through an invalidator's round only what it was told after that invalidator's
+hello. Whatever is still pending ``FOLLOW_WAIT`` seconds after it arrived (no invalidator, or one
+that failed or joined late) the follower invalidates itself, after trying to take the lock.
 """
 
 from __future__ import annotations
@@ -17,7 +39,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import psycopg
 from sqlalchemy import text
@@ -31,6 +57,15 @@ logger = logging.getLogger("service.cache.listener")
 
 CHANNEL = "bookings_changed"
 CLEARED_CHANNEL = "report_cache_cleared"  # admin clears, for the other workers' local tiers
+
+# ('S','R','C','I'): held by the one listener that runs the Redis invalidations for the fleet.
+INVALIDATOR_LOCK = (0x53524349, 0)
+HELLO = "listener:"  # a listener has started listening: listener:<id>
+ROUND_START = "round:start:"  # round:start:<invalidator id>:<round id>
+ROUND_DONE = "round:done:"  # round:done:<invalidator id>:<round id>
+FOLLOW_WAIT = 1.0  # seconds a follower waits for the invalidator before doing it itself
+ROUND_WAIT = 5.0  # seconds the invalidator waits for its own start marker
+HELLOS_KEPT = 1000
 
 
 async def broadcast_clear(engine: AsyncEngine, report: str | None, salon_id: int | None) -> None:
@@ -74,6 +109,23 @@ class InvalidationListener:
         self._broken = False
         self._markers: dict[str, asyncio.Event] = {}  # this process's settle markers
         self._seen: list[tuple[int, asyncio.Event]] = []  # markers arrived, by announcement
+        self.id = uuid.uuid4().hex
+        self.invalidator = False  # this listener holds INVALIDATOR_LOCK
+        self._hellos: dict[str, int] = {}  # listener id -> announcements before its hello
+        self._rounds: dict[str, int] = {}  # round id -> announcements before its start marker
+        self._own_rounds: dict[str, asyncio.Event] = {}
+        self._unsettled: deque[tuple[int, float]] = deque()  # (announcement, when it came)
+        self._execute_lock = asyncio.Lock()
+        self._reader: Any = None  # (fd, callback) of the socket reader while consuming
+        # What this listener did, for tests and the measurements: rounds it ran as the
+        # invalidator, rounds of another invalidator it settled by, and its own fallbacks.
+        self.rounds_led = 0
+        self.rounds_followed = 0
+        self.fallbacks = 0
+        self.follow_wait = FOLLOW_WAIT
+        # Tests: awaited by the invalidator in each round with "apply" (its start marker seen,
+        # before Redis) and "end" (after Redis, before its end marker).
+        self.round_hook: Callable[[str], Awaitable[None]] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="invalidation-listener")
@@ -115,8 +167,17 @@ class InvalidationListener:
                     keepalives_count=3,
                 ) as connection:
                     self._connection = connection
+                    # Notifications psycopg reads while a statement runs on this connection
+                    # (``_execute``) come through here; the others through the socket reader.
+                    connection.add_notify_handler(
+                        lambda notify: self._arrived(notify.channel, notify.payload)
+                    )
                     await connection.execute(f"LISTEN {CHANNEL}")
                     await connection.execute(f"LISTEN {CLEARED_CHANNEL}")
+                    self.invalidator = await self._try_lock(connection)
+                    await connection.execute(
+                        "SELECT pg_notify(%s, %s)", (CHANNEL, f"{HELLO}{self.id}")
+                    )
                     reconnected, first = not first, False
                     await self._consume(connection, reconnected=reconnected)
             except asyncio.CancelledError:
@@ -128,6 +189,9 @@ class InvalidationListener:
             self.cache.listener_healthy = False
             self.connected.clear()
             self._connection = None
+            self.invalidator = False  # the lock went with the connection
+            self._rounds.clear()
+            self._unsettled.clear()
             if not self._stopping.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.retry_delay)
@@ -160,6 +224,7 @@ class InvalidationListener:
 
         fd = pgconn.socket
         loop.add_reader(fd, on_readable)
+        self._reader = (fd, on_readable)
         try:
             on_readable()  # anything that arrived with the LISTEN's answer
             if reconnected:
@@ -172,7 +237,8 @@ class InvalidationListener:
             self.cache.listener_healthy = True
             self.connected.set()
             while True:
-                await self._wake.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._follow_deadline())
                 self._wake.clear()
                 if self._stopping.is_set():
                     return
@@ -180,7 +246,49 @@ class InvalidationListener:
                     raise ConnectionError("the listening connection was closed")
                 await self._apply()
         finally:
+            self._reader = None
             loop.remove_reader(fd)
+
+    async def _try_lock(self, connection: psycopg.AsyncConnection[Any]) -> bool:
+        row = await (
+            await connection.execute("SELECT pg_try_advisory_lock(%s, %s)", INVALIDATOR_LOCK)
+        ).fetchone()
+        return bool(row and row[0])
+
+    async def _execute(self, query: str, params: tuple[Any, ...]) -> Any:
+        """Run a statement on the listening connection.
+
+        psycopg waits for the answer with its own reader on the socket, which would replace
+        ours: ours is taken off meanwhile (what arrives is read by psycopg and handed to the
+        notify handler, in order), then put back and run once for anything left buffered.
+        """
+        connection = self._connection
+        if connection is None or self._reader is None:
+            raise ConnectionError("the listening connection is not open")
+        fd, on_readable = self._reader
+        loop = asyncio.get_running_loop()
+        async with self._execute_lock:
+            loop.remove_reader(fd)
+            try:
+                cursor = await connection.execute(query, params)
+                return await cursor.fetchone()
+            except psycopg.OperationalError as error:
+                self._broken = True
+                self._wake.set()
+                raise ConnectionError("the listening connection was closed") from error
+            finally:
+                if self._reader is not None and not self._broken:
+                    loop.add_reader(fd, on_readable)
+                    on_readable()
+
+    def _follow_deadline(self) -> float | None:
+        """Seconds until the oldest change not yet invalidated in Redis is due for a fallback."""
+        applied = self.cache.applied
+        while self._unsettled and self._unsettled[0][0] <= applied:
+            self._unsettled.popleft()
+        if not self._unsettled or self.invalidator:
+            return None
+        return max(0.0, self._unsettled[0][1] + self.follow_wait - time.monotonic())
 
     async def settle(self, timeout: float = 5.0) -> None:
         """Wait until every write committed before this call has been folded by the change
@@ -206,6 +314,9 @@ class InvalidationListener:
         if channel == CLEARED_CHANNEL:
             self._drop_local(payload)
             return
+        if payload.startswith((HELLO, ROUND_START, ROUND_DONE)):
+            self._protocol(payload)
+            return
         marker = self._markers.get(payload)
         if marker is not None:
             # Seen once everything announced before it has been applied to Redis.
@@ -214,6 +325,30 @@ class InvalidationListener:
         if payload.startswith("settle:"):
             return  # another process's marker
         self.cache.announce(parse_payload(payload))
+        self._unsettled.append((self.cache.announced, time.monotonic()))
+
+    def _protocol(self, payload: str) -> None:
+        """A marker of the one-invalidator protocol (see the module's docstring)."""
+        if payload.startswith(HELLO):
+            self._hellos[payload[len(HELLO) :]] = self.cache.announced
+            while len(self._hellos) > HELLOS_KEPT:
+                del self._hellos[next(iter(self._hellos))]
+            return
+        start = payload.startswith(ROUND_START)
+        sender, _, round_id = payload[len(ROUND_START if start else ROUND_DONE) :].partition(":")
+        if start:
+            self._rounds[round_id] = self.cache.announced
+            own = self._own_rounds.get(round_id)
+            if own is not None:
+                own.set()
+            return
+        before_start = self._rounds.pop(round_id, None)
+        if before_start is None or sender == self.id:
+            return
+        # Only what came after the invalidator listened: it never saw what came before.
+        if self.cache.applied >= self._hellos.get(sender, 0):
+            self.cache.announcements.settle(before_start)
+            self.rounds_followed += 1
 
     def _drop_local(self, payload: str) -> None:
         """``<report or *>:<salon id or *>`` from an admin clear on some worker."""
@@ -223,21 +358,59 @@ class InvalidationListener:
         self.cache.forget_local(tag, report_name)
 
     async def _apply(self) -> None:
-        """Invalidate in Redis what was announced; then release the markers it covers."""
-        try:
-            await self.cache.apply_announced()
-        except Exception:
-            # Redis is down: nothing is served from it until it returns, but entries written
-            # before this change may still be there when it does. Clear on the next success.
-            logger.warning("could not invalidate after a booking change; bypassing the cache")
-            self.cache.listener_healthy = False
-            await self._clear_when_possible()
-            if not (self._stopping.is_set() or self._broken):  # else the loop ends next
-                self.cache.listener_healthy = True
+        """Invalidate in Redis what was announced (as the invalidator, or as a follower whose
+        changes the invalidator has not covered in time); then release the markers it covers."""
+        if self.cache.announced > self.cache.applied:
+            try:
+                if self.invalidator:
+                    await self._lead_round()
+                elif self._follow_deadline() == 0.0:
+                    if self._connection is not None:
+                        self.invalidator = await self._try_lock_here()
+                    self.fallbacks += 1
+                    await self.cache.apply_announced()
+            except ConnectionError:
+                return  # the loop ends next: the connection broke
+            except Exception:
+                # Redis is down: nothing is served from it until it returns, but entries
+                # written before this change may still be there when it does. Clear on the
+                # next success.
+                logger.warning("could not invalidate after a booking change; bypassing the cache")
+                self.cache.listener_healthy = False
+                await self._clear_when_possible()
+                if not (self._stopping.is_set() or self._broken):  # else the loop ends next
+                    self.cache.listener_healthy = True
         applied = self.cache.applied
         for entry in [entry for entry in self._seen if entry[0] <= applied]:
             self._seen.remove(entry)
             entry[1].set()
+
+    async def _try_lock_here(self) -> bool:
+        row = await self._execute("SELECT pg_try_advisory_lock(%s, %s)", INVALIDATOR_LOCK)
+        return bool(row and row[0])
+
+    async def _lead_round(self) -> None:
+        """One round as the invalidator: start marker, Redis, end marker."""
+        round_id = uuid.uuid4().hex
+        started = asyncio.Event()
+        self._own_rounds[round_id] = started
+        try:
+            await self._execute(
+                "SELECT pg_notify(%s, %s)", (CHANNEL, f"{ROUND_START}{self.id}:{round_id}")
+            )
+            await asyncio.wait_for(started.wait(), ROUND_WAIT)
+        finally:
+            self._own_rounds.pop(round_id, None)
+            self._rounds.pop(round_id, None)
+        if self.round_hook is not None:
+            await self.round_hook("apply")
+        await self.cache.apply_announced()  # at least what came before the start marker
+        self.rounds_led += 1
+        if self.round_hook is not None:
+            await self.round_hook("end")
+        await self._execute(
+            "SELECT pg_notify(%s, %s)", (CHANNEL, f"{ROUND_DONE}{self.id}:{round_id}")
+        )
 
     async def _clear_when_possible(self) -> int:
         """Clear the whole cache, retrying until Redis answers (or the listener stops)."""
