@@ -26,6 +26,8 @@ Platform-wide figures use the UTC calendar (SPEC §5).
 
 from __future__ import annotations
 
+import functools
+
 STATUSES = ("pending", "confirmed", "completed", "cancelled", "no_show")
 VALUES = (*STATUSES, "revenue_cents")
 
@@ -228,6 +230,28 @@ def fold_first(table: str) -> tuple[str, str]:
 def recompute_first(table: str) -> str:
     columns = ", ".join(FIRSTS[table])
     return f"SELECT {columns}, min(scheduled_at) AS first_at FROM bookings GROUP BY {columns}"
+
+
+# -- a batch -------------------------------------------------------------------------------------
+
+
+@functools.cache
+def fold_script(*, truncated: bool, versions: bool, firsts: bool) -> str:
+    """Every statement that folds a batch, as one script (no parameters: one round trip).
+
+    ``truncated``: bookings were truncated in the batch, so the derived tables start from empty;
+    ``versions``: the batch's netted versions are in ``BATCH`` (counters and visit days);
+    ``firsts``: first-booking versions are in ``FIRSTS_BATCH``."""
+    statements: list[str] = []
+    if truncated:
+        statements += [f"DELETE FROM {table}" for table in TABLES]
+    if versions:
+        statements += [fold_counter(table) for table in COUNTERS]
+        statements += FOLD_VISITS
+    if firsts:
+        for table in FIRSTS:
+            statements += fold_first(table)
+    return ";\n".join(statements)
 
 
 # -- whole tables ----------------------------------------------------------------------------------

@@ -289,6 +289,23 @@ class RebuildSkip:
         return full < self.xmin or (full < self.xmax and full not in self.in_progress)
 
 
+_layout: list[int] = []  # positions of DELTA_COLUMNS in a booking row's fields, as last seen
+
+
+def _booking_values(fields: list[dict[str, Any]]) -> tuple[Any, ...]:
+    """A booking version's ``DELTA_COLUMNS``. wal2json lists the fields in the table's column
+    order; their positions are found once and checked on every row (a migration may change
+    them), which costs less than a dict of every field per row."""
+    layout = _layout
+    if len(layout) != len(DELTA_COLUMNS) or any(
+        index >= len(fields) or fields[index]["name"] != column
+        for index, column in zip(layout, DELTA_COLUMNS, strict=True)
+    ):
+        names = [field["name"] for field in fields]
+        layout[:] = [names.index(column) for column in DELTA_COLUMNS]
+    return tuple(fields[index].get("value") for index in layout)
+
+
 class ApplyLock:
     """The session advisory lock under which a batch is folded or the tables rebuilt."""
 
@@ -461,21 +478,23 @@ class Folder:
     ) -> None:
         """Net a row change's versions into the batch (``firsts``: into its transaction's);
         note the salons it touches."""
-        delta, touched = batch.delta, batch.touched
+        salon_column = "id" if relation == "salons" else "salon_id"
         for sign, key in ((1, "columns"), (-1, "identity")):
             fields = change.get(key)
             if fields is None:
                 continue
-            values = {field["name"]: field.get("value") for field in fields}
-            salon = values.get("id" if relation == "salons" else "salon_id")
-            if salon is not None:
-                touched.add(str(salon))
-            if relation == "bookings":
-                version = tuple(values[column] for column in DELTA_COLUMNS)
-                delta[version] = delta.get(version, 0) + sign
-                first = tuple(values[column] for column in FIRST_COLUMNS)
-                firsts[first] = firsts.get(first, 0) + sign
-                batch.versions += 1
+            if relation != "bookings":
+                for field in fields:
+                    if field["name"] == salon_column and field.get("value") is not None:
+                        batch.touched.add(str(field["value"]))
+                continue
+            values = _booking_values(fields)
+            batch.touched.add(str(values[0]))
+            delta = batch.delta
+            delta[values] = delta.get(values, 0) + sign
+            first = (values[0], values[1], values[2], values[4])  # FIRST_COLUMNS
+            firsts[first] = firsts.get(first, 0) + sign
+            batch.versions += 1
 
     async def _close(
         self,
@@ -532,39 +551,31 @@ class Folder:
 
     async def _fold(self, batch: Batch) -> None:
         connection = self.connection
-        execute = connection.execute
-        if batch.truncated:
-            for table in derived.TABLES:
-                await execute(f"DELETE FROM {table}")
         versions = [(*version, n) for version, n in batch.delta.items() if n]
-        if versions:
-            async with (
-                connection.cursor() as cursor,
-                cursor.copy(
+        firsts = bool(batch.added or batch.removed)
+        async with connection.cursor() as cursor:
+            if versions:
+                async with cursor.copy(
                     f"COPY {derived.BATCH} ({', '.join(DELTA_COLUMNS)}, n) FROM STDIN"
-                ) as copy,
-            ):
-                for version in versions:
-                    await copy.write_row(version)
-            for table in derived.COUNTERS:
-                await execute(derived.fold_counter(table))
-            for statement in derived.FOLD_VISITS:
-                await execute(statement)
-        if batch.added or batch.removed:
-            async with (
-                connection.cursor() as cursor,
-                cursor.copy(
+                ) as copy:
+                    for version in versions:
+                        await copy.write_row(version)
+            if firsts:
+                async with cursor.copy(
                     f"COPY {derived.FIRSTS_BATCH} ({', '.join(FIRST_COLUMNS)}, n) FROM STDIN"
-                ) as copy,
-            ):
-                for version in batch.added:
-                    await copy.write_row((*version, 1))
-                for version in batch.removed:
-                    await copy.write_row((*version, -1))
+                ) as copy:
+                    for first in batch.added:
+                        await copy.write_row((*first, 1))
+                    for first in batch.removed:
+                        await copy.write_row((*first, -1))
+        if firsts:
             await self._wait_visible(batch.booking_xids)
-            for table in derived.FIRSTS:
-                for statement in derived.fold_first(table):
-                    await execute(statement)
+        script = derived.fold_script(
+            truncated=batch.truncated, versions=bool(versions), firsts=firsts
+        )
+        if script:
+            # one round trip; statements without parameters, never prepared
+            await connection.execute(script, prepare=False)
         salons: str | None = None
         if batch.truncate:
             salons = "*"
@@ -573,18 +584,20 @@ class Folder:
             if len(salons) > NOTIFY_PAYLOAD_LIMIT:
                 salons = "*"
         if salons is not None:
-            await execute("SELECT pg_notify(%s, %s)", (INVALIDATION_CHANNEL, salons))
             batch.salons = salons
-        # Commit -> applied, per transaction, on the database's clock; the commit follows.
-        if batch.commits:
-            lags = await (
-                await execute(
-                    "SELECT extract(epoch FROM clock_timestamp() - t)::float8"
-                    " FROM unnest(%s::timestamptz[]) AS t",
-                    (batch.commits,),
-                )
-            ).fetchall()
-            batch.lags = [max(0.0, lag) for (lag,) in lags]
+        # The notification (delivered at commit) and each transaction's commit -> applied lag,
+        # on the database's clock, in one round trip.
+        row = await (
+            await connection.execute(
+                "SELECT CASE WHEN %(salons)s::text IS NOT NULL"
+                " THEN pg_notify(%(channel)s, %(salons)s) END,"
+                " ARRAY(SELECT extract(epoch FROM clock_timestamp() - t)::float8"
+                " FROM unnest(%(commits)s::timestamptz[]) AS t)",
+                {"salons": salons, "channel": INVALIDATION_CHANNEL, "commits": batch.commits},
+            )
+        ).fetchone()
+        assert row is not None
+        batch.lags = [max(0.0, lag) for lag in row[1]]
 
     async def _wait_visible(self, xids: list[str], timeout: float = 10.0) -> None:
         if not xids:

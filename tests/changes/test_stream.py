@@ -390,14 +390,15 @@ async def test_a_rebuild_counts_each_concurrent_write_once(private: tuple[str, s
 
 
 class _HookedConnection(psycopg.AsyncConnection[Any]):
-    """The fold's connection, with a test hook run before chosen statements."""
+    """The fold's connection, with a test hook run before the first statement that contains
+    a given text."""
 
     hooks: ClassVar[list[tuple[str, Any]]] = []
 
     async def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         text = str(query)
         for index, (start, hook) in enumerate(self.hooks):
-            if text.lstrip().startswith(start):
+            if start in text:
                 del self.hooks[index]
                 await hook()
                 break
@@ -448,7 +449,7 @@ async def test_a_first_booking_seen_early_and_removed_later_is_recomputed(
 
         _HookedConnection.hooks = [
             ("WITH affected AS", book_earlier),
-            ("SELECT pg_notify", delete_it),
+            ("pg_notify(", delete_it),
         ]
         stopping = asyncio.Event()
         async with (
