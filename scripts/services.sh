@@ -111,16 +111,19 @@ maintenance_work_mem = 256MB
 fsync = off
 synchronous_commit = off
 full_page_writes = off
-shared_preload_libraries = 'pg_stat_statements'
 log_min_messages = warning
 CONF
     fi
-    # The change stream: logical decoding through a replication slot (see docs/design.md, "Write path").
+    # Rewritten at every start, so a cluster made by an older version of this script gets it too.
+    # The change stream: logical decoding through a replication slot (see docs/design.md, "Write
+    # path"). pg_stat_statements: the top statements of /performance/stats (docs/operations.md).
     cat >"$datadir/conf.d-salon-reports.conf" <<CONF
 wal_level = logical
 max_replication_slots = 64
 max_wal_senders = 16
 max_slot_wal_keep_size = 4GB
+shared_preload_libraries = 'pg_stat_statements'
+pg_stat_statements.track = top
 CONF
     grep -q "conf.d-salon-reports.conf" "$datadir/postgresql.conf" \
         || echo "include_if_exists = 'conf.d-salon-reports.conf'" >>"$datadir/postgresql.conf"
@@ -133,9 +136,11 @@ CONF
             || { tail -20 "$logfile" >&2; die "PostgreSQL did not start"; }
     fi
     local psql=("$bindir/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 -qtA)
-    # A cluster started before the change stream existed runs with wal_level = replica.
-    if [[ "$("${psql[@]}" -d postgres -c "SHOW wal_level")" != logical ]]; then
-        say "restarting PostgreSQL with wal_level = logical"
+    # Both settings take a restart: a cluster started before the change stream existed runs
+    # with wal_level = replica, one started before pg_stat_statements without the library.
+    if [[ "$("${psql[@]}" -d postgres -c "SHOW wal_level")" != logical ]] \
+        || ! "${psql[@]}" -d postgres -c "SHOW shared_preload_libraries" | grep -qw pg_stat_statements; then
+        say "restarting PostgreSQL (wal_level = logical, shared_preload_libraries = pg_stat_statements)"
         pg_run_as "$bindir/pg_ctl" -D "$datadir" -l "$logfile" -w -t 60 restart >/dev/null \
             || { tail -20 "$logfile" >&2; die "PostgreSQL did not restart"; }
     fi

@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from service.deps import OperatorDep, ResourcesDep
 from service.paths import STATS_PATH
+from service.statements import top_statements
 from service.workers import METRICS_KEY, Combined, local_snapshot, other_workers
 from telemetry.stats import StatsAggregator, merge_snapshots, render
 
@@ -21,7 +22,8 @@ router = APIRouter(tags=["operations"])
 
 @router.get(STATS_PATH)
 async def performance_stats(_: OperatorDep, resources: ResourcesDep) -> Response:
-    """Requests, queries, cache, pool, memory, slow queries, N+1 and breached thresholds."""
+    """Requests, queries, cache, pool, memory, slow queries, N+1, breached thresholds, and the
+    database's top statements (pg_stat_statements)."""
     telemetry = resources.telemetry
     snapshots = [local_snapshot(telemetry)]
     partial = False
@@ -38,6 +40,7 @@ async def performance_stats(_: OperatorDep, resources: ResourcesDep) -> Response
             partial = True
     stats: StatsAggregator = telemetry.stats
     body = render(merge_snapshots(snapshots, partial=partial), stats.thresholds)
+    body["statements"] = await top_statements(resources.engine)
     return Response(
         orjson.dumps(body), media_type="application/json", headers={"Cache-Control": "no-store"}
     )

@@ -64,6 +64,11 @@ def test_upgrade_creates_everything_and_downgrade_removes_it(scratch_url: str) -
     assert indexes >= NAMED_INDEXES
     # The writers' path carries nothing of ours: the change stream maintains the derived data.
     assert not {t for t in triggers if t.startswith("bookings_")}, triggers
+    with psycopg.connect(dsn) as connection:  # 0006, with the role of the tests (a superuser)
+        installed = connection.execute(
+            "SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'"
+        ).fetchone()
+    assert installed is not None
 
     downgrade(scratch_url, "0004")
     _, _, triggers = _schema(dsn)

@@ -17,6 +17,10 @@ tens of thousands of small rows instead of ~900,000 bookings. Two parts stay on 
 the ``bookings`` report filtered by professional or service (an index range of one
 professional's or service's rows) and the client counts of the professionals on the page.
 
+Every statement ends with a static comment naming its query (``named_statement``:
+``/*db.query.summary='report.dashboard'*/``), so the database's own views (logs,
+``pg_stat_activity``, ``pg_stat_statements``) name it as its spans and metrics do.
+
 Each function returns plain Python values (dates as ``date``, rates as ``float``) in the shapes
 of ``service.reports.schemas``, without ``meta``; ``service.reports.service`` adds the rest.
 """
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.reports.names import ReportName
@@ -105,8 +109,19 @@ def rollup_ranges(period: Period) -> dict[str, date]:
     }
 
 
-def _named(name: str) -> dict[str, Any]:
-    return {"query_name": QUERY_NAMES[name]}
+def query_comment(name: str) -> str:
+    """The static sqlcommenter comment naming a query: ``/*db.query.summary='report.dashboard'*/``.
+
+    It names the statement in PostgreSQL's logs, ``pg_stat_activity`` and
+    ``pg_stat_statements`` after the ``db.query.summary`` of its spans and metrics. Static (no
+    trace id): the text of a query stays the same from call to call, so the server still
+    prepares it once and ``pg_stat_statements`` keeps one entry for it."""
+    return f"/*db.query.summary='{QUERY_NAMES[name]}'*/"
+
+
+def named_statement(name: str, sql: str) -> TextClause:
+    """``sql`` with the comment naming it appended, and its name as ``query_name`` (telemetry)."""
+    return text(f"{sql}\n{query_comment(name)}").execution_options(query_name=QUERY_NAMES[name])
 
 
 def _status_counts(row: Any) -> dict[str, int]:
@@ -356,7 +371,7 @@ def dashboard_sql(scope: Scope) -> str:
 async def dashboard_metrics(conn: AsyncConnection, scope: Scope, period: Period) -> dict[str, Any]:
     """Totals, rates, client counts, top services and the daily series of one period."""
     result = await conn.execute(
-        text(dashboard_sql(scope)).execution_options(**_named(ReportName.DASHBOARD)),
+        named_statement(ReportName.DASHBOARD, dashboard_sql(scope)),
         _bind(scope, period),
     )
     row = result.one()
@@ -468,7 +483,7 @@ async def booking_metrics(
         status=filters.status,
     )
     result = await conn.execute(
-        text(bookings_sql(scope, filters)).execution_options(**_named(ReportName.BOOKINGS)), params
+        named_statement(ReportName.BOOKINGS, bookings_sql(scope, filters)), params
     )
     row = result.one()
     return {
@@ -589,7 +604,7 @@ async def professional_performance(
     """One keyset page of per-professional figures, ranked by revenue across the whole scope."""
     params = _bind(scope, period, after_id=after_id, page_rows=limit + 1)
     result = await conn.execute(
-        text(professionals_sql(scope)).execution_options(**_named(ReportName.PROFESSIONALS)), params
+        named_statement(ReportName.PROFESSIONALS, professionals_sql(scope)), params
     )
     rows = result.all()
     items = [
@@ -623,7 +638,7 @@ async def realtime_metrics(conn: AsyncConnection, scope: Scope, today: date) -> 
     """Today's (local) bookings by status and the revenue completed so far."""
     period = Period(start=today, end=today)
     result = await conn.execute(
-        text(realtime_sql(scope)).execution_options(**_named(ReportName.REALTIME)),
+        named_statement(ReportName.REALTIME, realtime_sql(scope)),
         _bind(scope, period),
     )
     row = result.one()
@@ -637,9 +652,7 @@ async def realtime_metrics(conn: AsyncConnection, scope: Scope, today: date) -> 
 async def salon_timezone(conn: AsyncConnection, salon_id: int) -> str | None:
     """The salon's time zone, or None when there is no such salon."""
     result = await conn.execute(
-        text("SELECT timezone FROM salons WHERE id = :salon_id").execution_options(
-            **_named("salon")
-        ),
+        named_statement("salon", "SELECT timezone FROM salons WHERE id = :salon_id"),
         {"salon_id": salon_id},
     )
     value = result.scalar_one_or_none()

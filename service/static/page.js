@@ -86,6 +86,17 @@
     "n_plus_one.recent[].statement",
     "n_plus_one.recent[].worker",
     "n_plus_one.recent[].trace_id",
+    "statements.available",
+    "statements.reason",
+    "statements.since",
+    "statements.top_by_total_time[].summary",
+    "statements.top_by_total_time[].query",
+    "statements.top_by_total_time[].calls",
+    "statements.top_by_total_time[].total_ms",
+    "statements.top_by_total_time[].mean_ms",
+    "statements.top_by_total_time[].rows",
+    "statements.top_by_total_time[].shared_blocks_hit",
+    "statements.top_by_total_time[].shared_blocks_read",
     "alerts[].name",
     "alerts[].breached",
     "alerts[].value",
@@ -549,6 +560,29 @@
     ], "No N+1 pattern detected.");
   }
 
+  function drawStatements(stats) {
+    const statements = stats.statements;
+    const note = document.getElementById("statements-note");
+    const reason = statements.reason;
+    if (!statements.available) {
+      note.textContent = `unavailable: ${reason}`;
+      fillTable("table-statements", [], () => [], "pg_stat_statements cannot be read.");
+      return;
+    }
+    note.textContent = statements.since ? `since ${new Date(statements.since).toLocaleString()}` : "";
+    fillTable("table-statements", statements.top_by_total_time, (s) => [
+      s.summary
+        ? el("td", { title: s.query }, s.summary)
+        : el("td", { class: "mono", title: s.query }, truncate(s.query, 60)),
+      el("td", { class: "num" }, String(s.calls)),
+      el("td", { class: "num" }, fmtMs(s.total_ms)),
+      el("td", { class: "num" }, fmtMs(s.mean_ms)),
+      el("td", { class: "num" }, String(s.rows)),
+      el("td", { class: "num" }, String(s.shared_blocks_hit)),
+      el("td", { class: "num" }, String(s.shared_blocks_read)),
+    ], "No statement recorded yet.");
+  }
+
   function describeAlert(alert) {
     switch (alert.name) {
       case "query_p95":
@@ -619,6 +653,7 @@
     drawMemory(stats);
     drawFreshness(stats);
     drawTables(stats);
+    drawStatements(stats);
     const workers = `${stats.workers} worker${stats.workers === 1 ? "" : "s"}`;
     status.textContent = `${workers}${stats.partial ? " (partial: some workers could not be read)" : ""} · stats of ${clock(stats.taken_at)} · every ${refreshSeconds} s`;
     status.classList.toggle("warning", Boolean(stats.partial));

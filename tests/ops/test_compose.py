@@ -361,6 +361,13 @@ def jaeger() -> dict[str, Any]:
     return document
 
 
+def test_the_database_loads_pg_stat_statements() -> None:
+    """/performance/stats lists the top statements from it (migration 0006 creates the view)."""
+    command = services()["postgres"]["command"]
+    settings = [command[i + 1] for i, arg in enumerate(command) if arg == "-c"]
+    assert "shared_preload_libraries=pg_stat_statements" in settings
+
+
 def test_jaeger_config_is_mounted_where_its_command_reads_it() -> None:
     service = services()["jaeger"]
     (config_arg,) = [arg for arg in service["command"] if arg.startswith("--config")]
