@@ -19,7 +19,7 @@ Size: one dict entry per non-empty bucket, at most ``ln(max / min) / ln(gamma)``
 about 1 100 at 1 % for anything between 1 µs and one hour, whatever the number of values.
 Merging is adding bucket counts, so it is exact, associative and commutative.
 
-Cost: ``add`` is about 0.3 µs on CPython 3.11. No I/O, no locks: callers serialise access
+Cost: ``add`` is a logarithm and a dict update. No I/O, no locks: callers serialise access
 (``telemetry.stats`` holds the lock). Emits no metric or span itself.
 """
 

@@ -1,4 +1,4 @@
-"""The HTTP contract: auth and scope (SPEC §6), validation, JSON errors, report headers."""
+"""The HTTP contract: auth and scope (docs/api.md), validation, JSON errors, report headers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The cache against a real Redis and PostgreSQL (SPEC §8, issue 3)."""
+"""The cache against a real Redis and PostgreSQL (docs/design.md, "Cache")."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Platform-wide reports read every booking of the period: a year is ~900,000 rows 
 bookings, 1.7 to 2.0 s however good the index. These tables hold the same figures pre-aggregated,
 kept exact by statement-level triggers on ``bookings`` (whoever writes, in the same
 transaction), so a platform-wide year reads a few tens of thousands of small rows instead.
-Platform-wide reports use the UTC calendar (SPEC §5), so every bucket is a UTC day, hour or
+Platform-wide reports use the UTC calendar (docs/api.md, "Report definitions"), so every bucket is a UTC day, hour or
 month.
 
 - ``platform_day_rollups (day)``: bookings per status and completed revenue; gives the totals

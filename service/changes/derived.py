@@ -21,7 +21,7 @@ Every derived table is defined here twice over: how to fold a batch of booking c
   snapshot; a change committed later reaches the consumer in a later batch and is applied
   again the same way, so each key is exact once the stream has caught up.
 
-Platform-wide figures use the UTC calendar (SPEC §5).
+Platform-wide figures use the UTC calendar (docs/api.md, "Report definitions").
 """
 
 from __future__ import annotations

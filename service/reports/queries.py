@@ -23,6 +23,10 @@ Every statement ends with a static comment naming its query (``named_statement``
 
 Each function returns plain Python values (dates as ``date``, rates as ``float``) in the shapes
 of ``service.reports.schemas``, without ``meta``; ``service.reports.service`` adds the rest.
+
+Longer than the other modules on purpose: every report statement, per salon and platform-wide,
+with the fragments they share, is in this one file, so that whoever looks for "the dashboard
+SQL" opens one file (the repository file of a polar-style domain folder).
 """
 
 from __future__ import annotations
@@ -542,7 +546,11 @@ def _platform_professionals_sql() -> str:
 def professionals_sql(scope: Scope) -> str:
     if scope.is_platform:
         return _platform_professionals_sql()
-    pro_scope = "TRUE" if scope.is_platform else "pr.salon_id = :salon_id"
+    return _salon_professionals_sql(scope)
+
+
+def _salon_professionals_sql(scope: Scope) -> str:
+    """One salon's professionals, from its bookings of the period (index-only)."""
     return f"""
     WITH period AS MATERIALIZED ({
         _period_rows(scope, "b.professional_id, b.client_id, b.status, b.price_cents")
@@ -568,11 +576,8 @@ def professionals_sql(scope: Scope) -> str:
         -- (migration 0003); the others of the period are returning
         SELECT f.professional_id, count(*) AS new_clients
         FROM professional_client_first_bookings f
-        WHERE f.first_at >= :start_at AND f.first_at < :end_at {
-        ""
-        if scope.is_platform
-        else "AND f.professional_id IN (SELECT id FROM professionals WHERE salon_id = :salon_id)"
-    }
+        WHERE f.first_at >= :start_at AND f.first_at < :end_at
+          AND f.professional_id IN (SELECT id FROM professionals WHERE salon_id = :salon_id)
         GROUP BY f.professional_id
     ),
     ranked AS (
@@ -584,7 +589,7 @@ def professionals_sql(scope: Scope) -> str:
         LEFT JOIN per_professional pp ON pp.professional_id = pr.id
         LEFT JOIN client_stats cs ON cs.professional_id = pr.id
         LEFT JOIN new_to_professional nc ON nc.professional_id = pr.id
-        WHERE {pro_scope} AND (pr.is_active OR pp.professional_id IS NOT NULL)
+        WHERE pr.salon_id = :salon_id AND (pr.is_active OR pp.professional_id IS NOT NULL)
     )
     SELECT * FROM ranked
     WHERE professional_id > coalesce(CAST(:after_id AS bigint), 0)

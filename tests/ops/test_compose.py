@@ -45,7 +45,7 @@ NO_HEALTHCHECK = dict.fromkeys(
     ("otel-collector", "otel-gateway", "otel-sampler"),
     "otel/opentelemetry-collector-contrib is FROM scratch",
 )
-# SPEC §2: what `docker compose up` serves on the host.
+# docs/operations.md, "The stack": what `docker compose up` serves on the host.
 PUBLISHED = {SERVICE: 8000, "jaeger": 16686, "grafana": 3000, "prometheus": 9090}
 
 

@@ -1,4 +1,4 @@
-"""Token attacks (SPEC §6): every forged, tampered or malformed token is a 401, on every endpoint
+"""Token attacks (docs/api.md): every forged, tampered or malformed token is a 401 on every endpoint
 that needs one; every valid token out of its scope is a 403, even when the answer is cached.
 
 The simplest cases (a wrong key, an expired token, ``alg: none``, an unknown role, ``salon_ids``

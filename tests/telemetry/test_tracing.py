@@ -1,4 +1,4 @@
-"""Traces, metrics and stats of the running service (SPEC §9, issue 4)."""
+"""Traces, metrics and stats of the running service (telemetry/README.md)."""
 
 from __future__ import annotations
 
