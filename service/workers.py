@@ -21,6 +21,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from telemetry.background import start_untraced, untraced
 from telemetry.metrics import memory_limit_bytes, rss_bytes
 from telemetry.setup import Telemetry
 
@@ -56,7 +57,7 @@ class StatsPublisher:
         self._stopping = asyncio.Event()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="stats-publisher")
+        self._task = start_untraced(self._run(), name="stats-publisher")
 
     async def stop(self) -> None:
         # A flag, not cancel(): a cancellation landing inside a redis-py call can be swallowed,
@@ -64,7 +65,7 @@ class StatsPublisher:
         self._stopping.set()
         if self._task is not None:
             await self._task
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception), untraced():
             await self.redis.hdel(STATS_KEY, self.telemetry.instance_id)
             await self.redis.hdel(METRICS_KEY, self.telemetry.instance_id)
 

@@ -52,6 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.cache.keys import scope_tag
 from service.cache.store import ReportCache
 from service.changes.consumer import wait_applied
+from telemetry.background import start_untraced
 
 logger = logging.getLogger("service.cache.listener")
 
@@ -128,7 +129,7 @@ class InvalidationListener:
         self.round_hook: Callable[[str], Awaitable[None]] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="invalidation-listener")
+        self._task = start_untraced(self._run(), name="invalidation-listener")
 
     async def stop(self) -> None:
         """Stop listening: wake the loop and let it leave on its own, cancel as a last resort."""

@@ -28,6 +28,7 @@ import psycopg
 from service.changes.rebuild import emit_marker, rebuild_on
 from service.changes.stream import ELECTION_LOCK, Batch, Folder, State, read_position
 from service.errors import APIError
+from telemetry.background import start_untraced, untraced
 from telemetry.metrics import StreamGauges
 
 logger = logging.getLogger("service.changes")
@@ -95,7 +96,7 @@ class StreamMonitor:
         self._connection: psycopg.AsyncConnection[Any] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="change-stream-monitor")
+        self._task = start_untraced(self._run(), name="change-stream-monitor")
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -107,7 +108,12 @@ class StreamMonitor:
             await self._connection.close()
 
     async def poll(self) -> None:
-        """Read the state once (also called directly at start and by tests)."""
+        """Read the state once (also called directly at start and by tests). Untraced, like
+        the loop: clearing the cache when the stream comes back is background work."""
+        with untraced():
+            await self._poll()
+
+    async def _poll(self) -> None:
         if self._connection is None or self._connection.closed:
             self._connection = await psycopg.AsyncConnection.connect(
                 self.dsn,
@@ -177,7 +183,7 @@ class ChangeConsumer:
         self._stopping = asyncio.Event()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name="change-stream-consumer")
+        self._task = start_untraced(self.run(), name="change-stream-consumer")
 
     def request_stop(self) -> None:
         """Ask ``run`` to return (from a signal handler or another thread's loop call)."""
