@@ -11,10 +11,11 @@ DEMO_BOOKINGS ?= 200000
 # (e.g. `make bench BENCH_WRITES_SECONDS=3 BENCH_WRITES_ROUNDS=1` for a quick look).
 BENCH_WRITES_SECONDS ?= 8
 BENCH_WRITES_ROUNDS ?= 3
-# `make services REPLICA=1 PGBOUNCER=1` also starts a streaming replica of PostgreSQL and a
-# PgBouncer in front of it (see scripts/services.sh).
+# `make services REPLICA=1 PGBOUNCER=1 REDIS_CLUSTER=1` also starts a streaming replica of
+# PostgreSQL, a PgBouncer in front of it and a Redis Cluster (see scripts/services.sh).
 REPLICA ?= 0
 PGBOUNCER ?= 0
+REDIS_CLUSTER ?= 0
 
 .PHONY: run test services services-for-tests stop lint bench loadtest chaos install ops-tools browser-tools clean
 
@@ -27,12 +28,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 services:
-	@REPLICA=$(REPLICA) PGBOUNCER=$(PGBOUNCER) scripts/services.sh start
+	@REPLICA=$(REPLICA) PGBOUNCER=$(PGBOUNCER) REDIS_CLUSTER=$(REDIS_CLUSTER) scripts/services.sh start
 
-# The tests also need a real streaming replica (tests/test_read_replica.py) and a PgBouncer in
-# transaction pooling mode (tests/test_pgbouncer.py).
+# The tests also need a real streaming replica (tests/test_read_replica.py), a PgBouncer in
+# transaction pooling mode (tests/test_pgbouncer.py) and a Redis Cluster
+# (tests/test_redis_cluster.py).
 services-for-tests:
-	@REPLICA=1 PGBOUNCER=1 scripts/services.sh start
+	@REPLICA=1 PGBOUNCER=1 REDIS_CLUSTER=1 scripts/services.sh start
 
 stop:
 	@scripts/services.sh stop

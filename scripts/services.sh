@@ -5,6 +5,7 @@
 #   scripts/services.sh stop    # stops what `start` started
 #   REPLICA=1 scripts/services.sh start   # also a streaming replica (hot standby) of PostgreSQL
 #   PGBOUNCER=1 scripts/services.sh start # also a PgBouncer in transaction pooling mode
+#   REDIS_CLUSTER=1 scripts/services.sh start  # also a Redis Cluster: 3 masters, 3 replicas
 #
 # Both servers listen on 127.0.0.1 only, on ports that do not collide with a system
 # instance (PG_PORT, default 55432; REDIS_PORT, default 56379), with their data under
@@ -13,7 +14,10 @@
 # read-only (hot standby); its URL goes into .env as REPLICA_DATABASE_URL (tests use it; the
 # service reads replicas only through REPORTS_READ_DATABASE_URL). With PGBOUNCER=1 a PgBouncer
 # (installed when missing) pools connections to that cluster in transaction mode on
-# PGBOUNCER_PORT (default PG_PORT + 2), URL in .env as PGBOUNCER_DATABASE_URL. PostgreSQL refuses to run as root, so as root the cluster is
+# PGBOUNCER_PORT (default PG_PORT + 2), URL in .env as PGBOUNCER_DATABASE_URL. With
+# REDIS_CLUSTER=1 a Redis Cluster of 3 masters and 3 replicas runs on 6 ports from
+# REDIS_CLUSTER_PORT (default REDIS_PORT + 100), URL of its first node in .env as
+# REDIS_CLUSTER_URL (the service uses it with REPORTS_REDIS_CLUSTER=true). PostgreSQL refuses to run as root, so as root the cluster is
 # run as the unprivileged `postgres` user; a normal user runs it as themselves.
 set -euo pipefail
 
@@ -24,6 +28,8 @@ REPLICA_PORT="${REPLICA_PORT:-$((PG_PORT + 1))}"
 REPLICA="${REPLICA:-0}"
 REPLICATION_USER="${REPLICATION_USER:-salon_replication}"
 PGBOUNCER="${PGBOUNCER:-0}"
+REDIS_CLUSTER="${REDIS_CLUSTER:-0}"
+REDIS_CLUSTER_PORT="${REDIS_CLUSTER_PORT:-$((REDIS_PORT + 100))}"
 PGBOUNCER_PORT="${PGBOUNCER_PORT:-$((PG_PORT + 2))}"
 REDIS_PORT="${REDIS_PORT:-56379}"
 PG_DB="${PG_DB:-salon_reports}"
@@ -324,12 +330,69 @@ redis_stop() {
     fi
 }
 
+# Redis Cluster: six nodes on loopback, then `redis-cli --cluster create` with one replica per
+# master. A short node timeout, so a killed master's replica takes over within seconds. The
+# cluster bus listens 30000 below each node's port, under the ephemeral range (the default, 10000
+# above, would not fit).
+cluster_ports() { seq "$REDIS_CLUSTER_PORT" $((REDIS_CLUSTER_PORT + 5)); }
+
+cluster_ok() {
+    redis-cli -h 127.0.0.1 -p "$REDIS_CLUSTER_PORT" cluster info 2>/dev/null | grep -q 'cluster_state:ok'
+}
+
+redis_cluster_start() {
+    local port dir
+    for port in $(cluster_ports); do
+        redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null 2>&1 && continue
+        dir="$LOCAL/redis-cluster/$port"
+        mkdir -p "$dir"
+        redis-server --bind 127.0.0.1 --port "$port" --daemonize yes --dir "$dir" \
+            --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+            --cluster-port $((port - 30000)) \
+            --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" --save '' --appendonly no \
+            --maxmemory 128mb --maxmemory-policy allkeys-lru
+    done
+    local _
+    for port in $(cluster_ports); do
+        for _ in $(seq 50); do
+            redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null 2>&1 && break
+            sleep 0.1
+        done
+    done
+    if cluster_ok; then
+        say "Redis Cluster already running on 127.0.0.1:$REDIS_CLUSTER_PORT-$((REDIS_CLUSTER_PORT + 5))"
+        return
+    fi
+    say "creating a Redis Cluster on 127.0.0.1:$REDIS_CLUSTER_PORT-$((REDIS_CLUSTER_PORT + 5))"
+    # shellcheck disable=SC2046
+    redis-cli --cluster create $(for port in $(cluster_ports); do echo "127.0.0.1:$port"; done) \
+        --cluster-replicas 1 --cluster-yes >/dev/null || die "redis-cli --cluster create failed"
+    for _ in $(seq 100); do
+        cluster_ok && return
+        sleep 0.1
+    done
+    die "the Redis Cluster did not become ready"
+}
+
+redis_cluster_running() {
+    redis-cli -h 127.0.0.1 -p "$REDIS_CLUSTER_PORT" ping >/dev/null 2>&1
+}
+
+redis_cluster_stop() {
+    local port
+    for port in $(cluster_ports); do
+        redis-cli -h 127.0.0.1 -p "$port" shutdown nosave >/dev/null 2>&1 || true
+    done
+    # A node's cluster state lives in nodes.conf: start afresh next time.
+    rm -rf "$LOCAL/redis-cluster"
+}
+
 # Keep lines the user added to .env; replace only the ones this script owns.
 write_env() {
     local secret=""
     if [[ -f "$ENV_FILE" ]]; then
         secret="$(sed -n 's/^REPORTS_JWT_SECRET=//p' "$ENV_FILE" | tail -1)"
-        grep -vE '^(DATABASE_URL|REDIS_URL|REPORTS_JWT_SECRET|REPLICA_DATABASE_URL|PGBOUNCER_DATABASE_URL)=' "$ENV_FILE" >"$ENV_FILE.tmp" || true
+        grep -vE '^(DATABASE_URL|REDIS_URL|REPORTS_JWT_SECRET|REPLICA_DATABASE_URL|PGBOUNCER_DATABASE_URL|REDIS_CLUSTER_URL)=' "$ENV_FILE" >"$ENV_FILE.tmp" || true
     else
         : >"$ENV_FILE.tmp"
     fi
@@ -342,13 +405,16 @@ write_env() {
         if replica_running; then
             echo "REPLICA_DATABASE_URL=postgresql+psycopg://$PG_USER:$PG_USER@127.0.0.1:$REPLICA_PORT/$PG_DB"
         fi
+        if redis_cluster_running; then
+            echo "REDIS_CLUSTER_URL=redis://127.0.0.1:$REDIS_CLUSTER_PORT/0"
+        fi
         if pgbouncer_running; then
             echo "PGBOUNCER_DATABASE_URL=postgresql+psycopg://$PG_USER:$PG_USER@127.0.0.1:$PGBOUNCER_PORT/$PG_DB"
         fi
     } >"$ENV_FILE"
     rm -f "$ENV_FILE.tmp"
     chmod 600 "$ENV_FILE"
-    say "wrote DATABASE_URL, REDIS_URL, REPORTS_JWT_SECRET (and the replica's, PgBouncer's URLs) to .env"
+    say "wrote DATABASE_URL, REDIS_URL, REPORTS_JWT_SECRET (and the replica's, PgBouncer's, the Redis Cluster's URLs) to .env"
 }
 
 case "${1:-start}" in
@@ -359,9 +425,11 @@ case "${1:-start}" in
         if [[ "$REPLICA" == 1 ]]; then replica_start; fi
         if [[ "$PGBOUNCER" == 1 ]]; then pgbouncer_start; fi
         redis_start
+        if [[ "$REDIS_CLUSTER" == 1 ]]; then redis_cluster_start; fi
         write_env
         ;;
     stop)
+        redis_cluster_stop
         redis_stop
         pgbouncer_stop
         replica_stop

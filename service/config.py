@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     direct_database_url: str | None = Field(None, alias="REPORTS_DIRECT_DATABASE_URL")
     transaction_pooling: bool = Field(False, alias="REPORTS_DB_TRANSACTION_POOLING")
     redis_url: str = Field("", alias="REDIS_URL")
+    # REDIS_URL names one node of a Redis Cluster: redis-py's cluster client discovers the rest.
+    redis_cluster: bool = Field(False, alias="REPORTS_REDIS_CLUSTER")
     jwt_secret: str = Field(DEV_PLACEHOLDER_SECRET, alias="REPORTS_JWT_SECRET", repr=False)
     jwt_leeway: float = Field(30.0, alias="REPORTS_JWT_LEEWAY", ge=0, le=3600)
     jwt_issuer: str | None = Field(None, alias="REPORTS_JWT_ISSUER")

@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
@@ -54,6 +56,17 @@ class Resources:
 def _redis(settings: Settings) -> Redis | None:
     if not settings.redis_url:
         return None
+    if settings.redis_cluster:
+        # The cluster client speaks the same commands; every multi-key command and script of
+        # the cache stays within one scope's hash tag, hence one slot (service/cache/keys.py).
+        cluster = RedisCluster.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout,
+            socket_connect_timeout=settings.redis_timeout,
+            health_check_interval=0,
+            max_connections=200,
+        )
+        return cast(Redis, cluster)
     return Redis.from_url(
         settings.redis_url,
         socket_timeout=settings.redis_timeout,

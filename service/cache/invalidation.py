@@ -14,9 +14,11 @@ meanwhile), and nothing begun before the clear can store after it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from service.cache.breaker import CircuitBreaker
 from service.cache.keys import EVERY_KEY, PLATFORM_TAG, cleared_by, is_entry, scope_tag
@@ -83,7 +85,12 @@ async def invalidate_scopes(
     reports: tuple[str, ...],
 ) -> int:
     """Delete the epochs (and unlink the tracked entries) of these scopes' reports, in one
-    round trip; returns how many entries went."""
+    round trip (on a cluster, one per scope, concurrently: each to its slot's master); returns
+    how many entries went."""
+    if isinstance(redis, RedisCluster):
+        calls = [scripts.invalidate(tag, reports) for tag in tags]
+        counts = await breaker.call(asyncio.gather(*calls))
+        return sum(int(count) for count in counts)
     async with redis.pipeline(transaction=False) as pipe:
         for tag in tags:
             await scripts.invalidate(tag, reports, pipe)
@@ -92,18 +99,39 @@ async def invalidate_scopes(
 
 
 async def unlink_everything(redis: Redis, breaker: CircuitBreaker, report: str | None) -> int:
-    """Unlink every key the cache owns (of one report, if given), by ``SCAN``; returns how many
-    entries went (epochs, tracked sets and locks go too, uncounted)."""
+    """Unlink every key the cache owns (of one report, if given), by ``SCAN`` (on a cluster,
+    of every master); returns how many entries went (epochs, tracked sets and locks go too,
+    uncounted)."""
     deleted = 0
-    cursor = 0
-    while True:
-        cursor, names = await breaker.call(redis.scan(cursor, match=EVERY_KEY, count=SCAN_BATCH))
+    async for names in _scan_pages(redis, breaker):
         chosen = [name for name in names if cleared_by(name, report)]
         entries = [name for name in chosen if is_entry(name)]
         others = [name for name in chosen if not is_entry(name)]
+        # On a cluster redis-py splits a multi-key UNLINK by slot.
         if entries:
             deleted += int(await breaker.call(redis.unlink(*entries)))
         if others:
             await breaker.call(redis.unlink(*others))
+    return deleted
+
+
+async def _scan_pages(redis: Redis, breaker: CircuitBreaker) -> AsyncIterator[list[bytes]]:
+    """The cache's keys, a ``SCAN`` page at a time (on a cluster, node by node)."""
+    if isinstance(redis, RedisCluster):
+        for node in redis.get_primaries():
+            cursor = 0
+            while True:
+                cursors, names = await breaker.call(
+                    redis.scan(cursor, match=EVERY_KEY, count=SCAN_BATCH, target_nodes=node)
+                )
+                yield names
+                cursor = int(next(iter(cursors.values())))
+                if cursor == 0:
+                    break
+        return
+    cursor = 0
+    while True:
+        cursor, names = await breaker.call(redis.scan(cursor, match=EVERY_KEY, count=SCAN_BATCH))
+        yield names
         if cursor == 0:
-            return deleted
+            return

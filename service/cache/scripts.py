@@ -88,8 +88,11 @@ class Scripts:
         )
         return bool(stored)
 
-    async def invalidate(self, tag: str, reports: tuple[str, ...], pipe: Pipeline) -> Any:
-        """Queue the invalidation of one scope's reports on ``pipe`` (it returns a count)."""
+    async def invalidate(
+        self, tag: str, reports: tuple[str, ...], pipe: Pipeline | None = None
+    ) -> Any:
+        """The invalidation of one scope's reports: queued on ``pipe`` (which then returns a
+        count), or run at once (returns the count)."""
         keys = []
         for report in reports:
             probe = CacheKey.of_scope(report, tag)

@@ -1,0 +1,234 @@
+"""The cache on a real Redis Cluster (``REPORTS_REDIS_CLUSTER=true``).
+
+``make test`` starts one (``REDIS_CLUSTER=1 scripts/services.sh start``: 3 masters, 3 replicas
+on loopback ports) and writes the URL of a node into ``.env`` as ``REDIS_CLUSTER_URL``. Every
+multi-key command and script of the cache stays in one scope's hash tag; these tests run the
+cache's paths on it and then check that no node ever answered ``CROSSSLOT``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+from dotenv import dotenv_values
+from redis.cluster import ClusterNode, RedisCluster
+
+from service.cache.keys import EVERY_KEY
+from service.config import Settings
+from service.paths import API_PREFIX
+from tests.conftest import Api, RunningApi, app_settings
+from tests.factories import add_booking, small_dataset
+from tests.support import SqlCounter
+
+
+def _cluster_url() -> str | None:
+    return os.environ.get("REDIS_CLUSTER_URL") or dotenv_values(".env").get("REDIS_CLUSTER_URL")
+
+
+@pytest.fixture
+def cluster() -> Iterator[RedisCluster]:
+    """The test cluster, emptied (it has one database: tests sharing it take turns)."""
+    url = _cluster_url()
+    if not url:
+        pytest.skip("no Redis Cluster: start one with `make services REDIS_CLUSTER=1`")
+    client = RedisCluster.from_url(url)
+    for _ in range(100):
+        info = client.cluster_info()
+        if info.get("cluster_state") == "ok" and int(info.get("cluster_slots_ok", 0)) == 16384:
+            break
+        time.sleep(0.1)
+    client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    for node in client.get_nodes():
+        client.config_resetstat(target_nodes=node)
+    yield client
+    errors = {
+        node.name: client.info("errorstats", target_nodes=node) for node in client.get_nodes()
+    }
+    client.close()
+    for name, stats in errors.items():
+        assert not any("CROSSSLOT" in key for key in stats), (name, stats)
+
+
+@pytest.fixture
+def cluster_settings(
+    base_settings: Settings, database_url: str, clean_db: str, cluster: RedisCluster
+) -> Settings:
+    return app_settings(base_settings, database_url, str(_cluster_url()), redis_cluster=True)
+
+
+@pytest.fixture
+async def workers(cluster_settings: Settings) -> AsyncIterator[tuple[Api, Api]]:
+    async with RunningApi(cluster_settings) as one, RunningApi(cluster_settings) as two:
+        yield one, two
+
+
+async def _settle(*apps: Api) -> None:
+    for api in apps:
+        listener = api.resources.listener
+        assert listener is not None
+        await listener.settle()
+
+
+def _book(db: psycopg.Connection, data: dict[str, int]) -> None:
+    add_booking(
+        db,
+        salon_id=data["lisbon"],
+        client_id=data["bob"],
+        professional_id=data["pro_lisbon"],
+        service_id=data["cut"],
+        scheduled_at=datetime.now(UTC) - timedelta(hours=1),
+    )
+
+
+def _keys(cluster: RedisCluster) -> list[bytes]:
+    return list(cluster.scan_iter(match=EVERY_KEY, target_nodes=RedisCluster.PRIMARIES))
+
+
+async def test_the_cache_works_on_a_cluster(
+    workers: tuple[Api, Api], db: psycopg.Connection, cluster: RedisCluster
+) -> None:
+    one, two = workers
+    data = small_dataset(db)
+    await _settle(one, two)
+    salons = [data["lisbon"], data["newyork"]]
+
+    # Single flight across two workers: one SQL execution for 40 cold requests.
+    counters = [SqlCounter(one), SqlCounter(two)]
+    token = one.token()
+    answers = await asyncio.gather(
+        *[w.report("bookings", token, salon_id=salons[0]) for _ in range(20) for w in (one, two)]
+    )
+    assert {a.status_code for a in answers} == {200}
+    assert sum(counter.count for counter in counters) == 1
+    for counter in counters:
+        counter.close()
+
+    # Entries of several scopes (one salon, another, the platform) on the masters; a hit from
+    # Redis on the other worker.
+    for salon in (*salons, None):
+        params: dict[str, Any] = {} if salon is None else {"salon_id": salon}
+        assert (await one.report("dashboard", **params)).headers["X-Cache"] == "MISS"
+        assert (await two.report("dashboard", **params)).headers["X-Cache"] == "HIT"
+    masters = {cluster.get_node_from_key(key.decode()).name for key in _keys(cluster)}
+    assert len(masters) >= 2  # the scopes really are spread over the cluster
+
+    # Invalidation after a write: both workers answer with it.
+    before = (await one.report("dashboard", salon_id=salons[0])).json()["bookings_total"]
+    _book(db, data)
+    await _settle(one, two)
+    for api in (one, two):
+        answer = await api.report("dashboard", salon_id=salons[0])
+        assert answer.json()["bookings_total"] == before + 1
+    platform = await two.report("dashboard")
+    assert platform.headers["X-Cache"] == "MISS"
+
+    # Stats and metrics published by each worker, read by the other.
+    for api in (one, two):
+        publisher = api.resources.publisher
+        assert publisher is not None
+        await publisher.publish()
+    stats = await one.get(f"{API_PREFIX}/performance/stats", one.token("ops"))
+    assert stats.json()["workers"] == 2
+    assert stats.json()["partial"] is False
+
+    # The admin clear-everything reaches every master.
+    assert _keys(cluster)
+    cleared = await one.http.post(
+        f"{API_PREFIX}/cache/clear", json={}, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert cleared.status_code == 200, cleared.text
+    assert _keys(cluster) == []
+    assert (await two.report("dashboard", salon_id=salons[0])).headers["X-Cache"] == "MISS"
+
+
+def _wait_replicating(host: str, port: int) -> None:
+    """Wait until a restarted node has rejoined as a replica with its link up (so the next
+    test finds a settled cluster)."""
+    client = redis.Redis(host=host, port=port)
+    try:
+        for _ in range(300):
+            with contextlib.suppress(redis.RedisError):
+                info = client.info("replication")
+                if info.get("role") == "slave" and info.get("master_link_status") == "up":
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"{host}:{port} did not rejoin as a replica")
+    finally:
+        client.close()
+
+
+def _restart_command(client: redis.Redis) -> list[str]:
+    """The command that starts this node again as it runs now (same port, directory, files)."""
+    config = client.config_get("*")
+    return [
+        "redis-server",
+        "--bind", "127.0.0.1",
+        "--port", config["port"],
+        "--dir", config["dir"],
+        "--daemonize", "yes",
+        "--cluster-enabled", "yes",
+        "--cluster-config-file", config["cluster-config-file"],
+        "--cluster-node-timeout", config["cluster-node-timeout"],
+        "--cluster-port", config["cluster-port"],
+        "--logfile", config["logfile"],
+        "--pidfile", config["pidfile"],
+        "--save", "",
+        "--appendonly", "no",
+    ]  # fmt: skip
+
+
+async def test_a_killed_master_is_replaced_and_nothing_wrong_is_served(
+    cluster_settings: Settings, db: psycopg.Connection, cluster: RedisCluster
+) -> None:
+    """The master holding Lisbon's slot is shut down: its replica takes over (cluster node
+    timeout 2 s); meanwhile the service answers from PostgreSQL; afterwards it caches again,
+    and a write made during the failover is in every answer."""
+    data = small_dataset(db)
+    async with RunningApi(cluster_settings) as api:
+        await _settle(api)
+        lisbon = data["lisbon"]
+        first = await api.report("dashboard", salon_id=lisbon)
+        assert first.headers["X-Cache"] == "MISS"
+        total = first.json()["bookings_total"]
+        slot_key = f"sr:v2:{{s:{lisbon}}}:dashboard:epoch"
+        master = cluster.get_node_from_key(slot_key)
+        node = redis.Redis(host=master.host, port=master.port)
+        command = _restart_command(node)
+        node.shutdown(nosave=True)
+        node.close()
+        try:
+            announced = api.resources.cache.announced
+            _book(db, data)
+            while api.resources.cache.announced == announced:  # folded, and heard of here
+                await asyncio.sleep(0.01)
+            answers = []
+            deadline = time.monotonic() + 60
+            while True:  # until a replica has been promoted and the service caches again
+                response = await api.report("dashboard", salon_id=lisbon)
+                assert response.status_code == 200, response.text
+                answers.append(response)
+                if response.headers["X-Cache"] == "HIT":
+                    break
+                assert time.monotonic() < deadline, "the service never cached again"
+                await asyncio.sleep(0.2)
+            print("answers during the failover:", [a.headers["X-Cache"] for a in answers])
+            # Every answer after the write includes it, from the database or the cache.
+            assert {a.json()["bookings_total"] for a in answers} == {total + 1}
+            assert {a.headers["X-Cache"] for a in answers} - {"HIT"} <= {"BYPASS", "MISS", "ERROR"}
+            others = [n for n in cluster.get_nodes() if n.name != master.name]
+            promoted = RedisCluster(startup_nodes=[ClusterNode(n.host, n.port) for n in others])
+            assert promoted.get_node_from_key(slot_key).name != master.name
+            promoted.close()
+        finally:
+            subprocess.run(command, check=True)  # back, as a replica of the promoted one
+            _wait_replicating(master.host, master.port)
