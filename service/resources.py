@@ -27,6 +27,7 @@ from service.reports.service import ReportService
 from service.schema_version import expected_revisions
 from service.workers import StatsPublisher
 from telemetry.metrics import PoolGauges
+from telemetry.redis_spans import complete_redis_span
 from telemetry.setup import Telemetry
 from telemetry.sql import SqlTelemetry
 
@@ -122,7 +123,9 @@ async def start_resources(settings: Settings, telemetry: Telemetry) -> Resources
     ]
     redis = _redis(settings)
     if redis is not None and telemetry.enabled:
-        RedisInstrumentor.instrument_client(redis, tracer_provider=telemetry.tracer_provider)
+        RedisInstrumentor.instrument_client(
+            redis, tracer_provider=telemetry.tracer_provider, response_hook=complete_redis_span
+        )
     cache = ReportCache(
         redis,
         reports=CACHED_REPORTS,

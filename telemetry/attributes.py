@@ -20,6 +20,9 @@ ERROR_TYPE = "error.type"
 
 # Database (semantic conventions)
 DB_SYSTEM_NAME = "db.system.name"
+DB_NAMESPACE = "db.namespace"
+DB_OPERATION_NAME = "db.operation.name"
+DB_QUERY_TEXT = "db.query.text"
 DB_QUERY_SUMMARY = "db.query.summary"
 DB_RESPONSE_RETURNED_ROWS = "db.response.returned_rows"
 DB_CLIENT_CONNECTION_STATE = "db.client.connection.state"

@@ -10,6 +10,8 @@ the instruments, the Prometheus registry behind ``/metrics`` and the stats aggre
   them), exported over OTLP/HTTP in batches when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the
   traces-specific variable) is set;
 - metrics: always readable at ``/metrics``; also exported over OTLP when an endpoint is set;
+- ``OTEL_SEMCONV_STABILITY_OPT_IN`` defaults to ``database,http``: the SQL and Redis spans
+  carry the stable database conventions, as the metrics do;
 - ``OTEL_SDK_DISABLED=true`` turns spans and metrics into no-ops; the stats aggregator keeps
   counting, as it does whatever the sampler decides.
 """

@@ -1,5 +1,9 @@
 """SQL statement telemetry: a span per statement, its duration and rows, slow-query reports.
 
+A new connection of the pool is a ``connect`` span of its own (the request that waited for it
+is its parent), with ``db.system.name``, ``server.address``, ``server.port`` and
+``db.namespace``.
+
 Spans come from ``opentelemetry-instrumentation-sqlalchemy`` (its ``EngineTracer``, attached
 per engine so that several apps in one process each keep their own tracer provider). Our
 hooks, which run before its span ends, rename the span after the query (the
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -38,6 +43,24 @@ logger = logging.getLogger("salon_reports.slow_query")
 UNNAMED_QUERY = "sql.other"
 
 
+_TOP_LEVEL = re.compile(r"\(|\)|\b(SELECT|INSERT|UPDATE|DELETE|MERGE)\b", re.IGNORECASE)
+
+
+def operation_name(statement: str) -> str | None:
+    """The statement's operation (``db.operation.name``): the first top-level verb after any
+    ``WITH`` list, so a CTE query is the ``SELECT`` (or ``INSERT`` ...) it ends in."""
+    depth = 0
+    for match in _TOP_LEVEL.finditer(statement):
+        token = match.group(0)
+        if token == "(":
+            depth += 1
+        elif token == ")":
+            depth -= 1
+        elif depth == 0:
+            return token.upper()
+    return None
+
+
 class SqlTelemetry:
     """Attach to one (sync) engine; ``detach()`` removes our hooks."""
 
@@ -59,6 +82,19 @@ class SqlTelemetry:
         event.listen(engine, "before_cursor_execute", self._before)
         event.listen(engine, "after_cursor_execute", self._after)
         event.listen(engine, "handle_error", self._failed)
+        # A new connection (the pool's first use, a replacement after an error): its own span,
+        # so a slow first request says where its time went.
+        event.listen(engine, "do_connect", self._connecting)
+        event.listen(engine, "connect", self._connected)
+        self._connect_tracer = tracer_provider.get_tracer("salon-reports")
+        url = engine.url
+        self._connect_attributes: dict[str, str | int] = {attr.DB_SYSTEM_NAME: attr.POSTGRESQL}
+        if url.host:
+            self._connect_attributes[attr.SERVER_ADDRESS] = url.host
+        if url.port:
+            self._connect_attributes[attr.SERVER_PORT] = url.port
+        if url.database:
+            self._connect_attributes[attr.DB_NAMESPACE] = url.database
         unused = NoOpMeterProvider().get_meter("unused").create_up_down_counter("unused")
         self._tracer = EngineTracer(  # type: ignore[no-untyped-call]
             tracer_provider.get_tracer("opentelemetry.instrumentation.sqlalchemy"),
@@ -70,6 +106,8 @@ class SqlTelemetry:
         event.remove(self.engine, "before_cursor_execute", self._before)
         event.remove(self.engine, "after_cursor_execute", self._after)
         event.remove(self.engine, "handle_error", self._failed)
+        event.remove(self.engine, "do_connect", self._connecting)
+        event.remove(self.engine, "connect", self._connected)
         for identifier, listener in (
             ("before_cursor_execute", self._tracer._before_cur_exec),
             ("after_cursor_execute", _after_cur_exec),
@@ -81,6 +119,23 @@ class SqlTelemetry:
         ):
             if event.contains(self.engine, identifier, listener):
                 event.remove(self.engine, identifier, listener)
+
+    @staticmethod
+    def _connecting(_dialect: Any, record: Any, _cargs: Any, _cparams: Any) -> None:
+        record.info["_reports_connect_started"] = time.time_ns()
+
+    def _connected(self, _dbapi_connection: Any, record: Any) -> None:
+        """The span of a connection just made: from the driver's connect to the pool's."""
+        started = record.info.pop("_reports_connect_started", None)
+        if started is None:
+            return
+        span = self._connect_tracer.start_span(
+            "connect",
+            kind=trace.SpanKind.CLIENT,
+            start_time=started,
+            attributes=self._connect_attributes,
+        )
+        span.end()
 
     @staticmethod
     def _before(
@@ -122,6 +177,9 @@ class SqlTelemetry:
         if span is not None and span.is_recording():
             span.update_name(name)
             span.set_attribute(attr.DB_QUERY_SUMMARY, name)
+            operation = operation_name(statement)
+            if operation is not None:
+                span.set_attribute(attr.DB_OPERATION_NAME, operation)
             if rows >= 0:
                 span.set_attribute(attr.DB_RESPONSE_RETURNED_ROWS, rows)
 
