@@ -57,6 +57,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -496,15 +497,15 @@ def build_workloads(
 # -- running wrk ------------------------------------------------------------------------------
 
 
-def run_wrk(
+def wrk_command(
     server: Server,
     workload: Workload,
     connections: int,
     duration: float,
     threads: int,
     timeout_s: float,
-) -> dict[str, Any]:
-    command = [
+) -> list[str]:
+    return [
         shutil.which("wrk") or "/usr/bin/wrk",
         f"-t{threads}",
         f"-c{connections}",
@@ -515,22 +516,34 @@ def run_wrk(
         str(workload.script),
         f"{server.base}{workload.path}",
     ]
+
+
+def run_wrk(
+    server: Server,
+    workload: Workload,
+    connections: int,
+    duration: float,
+    threads: int,
+    timeout_s: float,
+) -> dict[str, Any]:
+    command = wrk_command(server, workload, connections, duration, threads, timeout_s)
     load_before = os.getloadavg()[0]
     completed = subprocess.run(
         command, capture_output=True, text=True, timeout=duration + timeout_s + 30, check=False
     )
-    match = re.search(r"^WRKJSON (\{.*\})$", completed.stdout, re.MULTILINE)
-    if completed.returncode != 0 or match is None:
-        raise RuntimeError(
-            f"wrk failed ({completed.returncode}): {completed.stderr.strip()}\n"
-            f"{completed.stdout[-2000:]}"
-        )
+    result = parse_wrk(completed.returncode, completed.stdout, completed.stderr, load_before)
+    return {"connections": connections, "threads": threads, **result}
+
+
+def parse_wrk(returncode: int, stdout: str, stderr: str, load_before: float) -> dict[str, Any]:
+    """wrk's summary (the ``done()`` hook's JSON line) as one run's figures."""
+    match = re.search(r"^WRKJSON (\{.*\})$", stdout, re.MULTILINE)
+    if returncode != 0 or match is None:
+        raise RuntimeError(f"wrk failed ({returncode}): {stderr.strip()}\n{stdout[-2000:]}")
     raw = json.loads(match.group(1))
     seconds = raw["duration_us"] / 1e6
     socket_errors = raw["connect"] + raw["read"] + raw["write"] + raw["timeout"]
     return {
-        "connections": connections,
-        "threads": threads,
         "duration_s": round(seconds, 2),
         "requests": raw["requests"],
         "rps": round(raw["requests"] / seconds, 1),
@@ -546,6 +559,153 @@ def run_wrk(
     }
 
 
+# -- the hit rate under writes ----------------------------------------------------------------
+
+
+class BookingWriter(threading.Thread):
+    """``per_minute`` booking writes a minute, evenly spaced, each to one salon: the price of a
+    booking of the last 30 days (of the dataset) goes up by one cent, or, if this run already
+    raised it, back down; whatever is still raised at the end is put back, so the dataset
+    keeps its figures. Each write is its own transaction, folded and notified by the service's
+    change stream like any booking app's write. Salons are drawn uniformly (``uniform``) or
+    with the popularity of the reads (``zipf``: busy salons take more bookings)."""
+
+    def __init__(
+        self, url: str, salon_ids: list[int], today: date, per_minute: float, salons: str
+    ) -> None:
+        super().__init__(name="booking-writer", daemon=True)
+        self.url = url
+        self.today = today
+        self.interval = 60.0 / per_minute
+        rng = random.Random(7)  # the reads' popularity order (zipf_requests, same seed)
+        ordered = salon_ids[:]
+        rng.shuffle(ordered)
+        self.salons = ordered
+        self.weights = _zipf_weights(len(ordered), 1.1) if salons == "zipf" else None
+        self.rng = random.Random(23)
+        self.stop = threading.Event()
+        self.raised: set[int] = set()
+        self.writes: list[float] = []  # monotonic time of each committed write
+        self.error: str | None = None
+
+    def run(self) -> None:
+        try:
+            engine = create_engine(self.url, isolation_level="AUTOCOMMIT")
+            try:
+                with engine.connect() as conn:
+                    next_at = time.monotonic()
+                    while not self.stop.wait(max(0.0, next_at - time.monotonic())):
+                        next_at += self.interval
+                        self._write(conn)
+                    self._restore(conn)
+            finally:
+                engine.dispose()
+        except Exception as error:  # reported with the results
+            self.error = f"{type(error).__name__}: {error}"
+
+    def _write(self, conn: Any) -> None:
+        salon = self.rng.choices(self.salons, weights=self.weights)[0]
+        booking = conn.execute(
+            text(
+                "SELECT id FROM bookings WHERE salon_id = :salon AND scheduled_at >= :since"
+                " AND scheduled_at < :until ORDER BY scheduled_at OFFSET :skip LIMIT 1"
+            ),
+            {
+                "salon": salon,
+                "since": self.today - timedelta(days=30),
+                "until": self.today,
+                "skip": self.rng.randrange(20),
+            },
+        ).scalar()
+        if booking is None:
+            return
+        step = -1 if booking in self.raised else 1
+        conn.execute(
+            text("UPDATE bookings SET price_cents = price_cents + :step WHERE id = :id"),
+            {"step": step, "id": booking},
+        )
+        self.raised ^= {booking}
+        self.writes.append(time.monotonic())
+
+    def _restore(self, conn: Any) -> None:
+        for booking in sorted(self.raised):
+            conn.execute(
+                text("UPDATE bookings SET price_cents = price_cents - 1 WHERE id = :id"),
+                {"id": booking},
+            )
+        self.raised.clear()
+
+
+def hit_rate_under_writes(
+    server: Server,
+    workloads: Workloads,
+    writer: BookingWriter,
+    minutes: float,
+    connections: int,
+    threads: int,
+    timeout_s: float,
+    log: Any,
+) -> dict[str, Any]:
+    """The Zipf mix from an empty cache for ``minutes`` while ``writer`` writes bookings; the
+    hit rate (telemetry/README.md) per minute, from ``/performance/stats`` read every minute.
+
+    wrk runs the whole time; the stats are read without waiting for the workers' next
+    publication, so each reading trails by up to the 2 s publication interval, alike for every
+    minute."""
+    clear_cache(server, workloads.admin_token)
+    workload = workloads.zipf(0, threads)
+    duration = minutes * 60
+    first = cache_counts(server, workloads.admin_token)
+    load_before = os.getloadavg()[0]
+    command = wrk_command(server, workload, connections, duration, threads, timeout_s)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = time.monotonic()
+    writer.start()
+    readings = [first]
+    per_minute: list[dict[str, Any]] = []
+    try:
+        for minute in range(1, int(-(-duration // 60)) + 1):
+            at = started + min(minute * 60, duration)
+            time.sleep(max(0.0, at - time.monotonic()))
+            readings.append(cache_counts(server, workloads.admin_token, settle=False))
+            rate = hit_rate(readings[-2], readings[-1])
+            rate["minute"] = minute
+            rate["writes"] = sum(1 for t in writer.writes if at - min(60, at - started) <= t < at)
+            per_minute.append(rate)
+            log(
+                f"minute {minute}: hit rate {_pct(rate['hit_rate'])} of {rate['lookups']:,}"
+                f" lookups, {rate['writes']} writes"
+            )
+        stdout, stderr = process.communicate(timeout=timeout_s + 60)
+    finally:
+        writer.stop.set()
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        writer.join(timeout=60)
+    result = {
+        "connections": connections,
+        "threads": threads,
+        **parse_wrk(process.returncode, stdout, stderr, load_before),
+    }
+    after_first = hit_rate(readings[1], readings[-1]) if len(readings) > 2 else None
+    result["cache"] = {
+        "per_minute": per_minute,
+        "after_first_minute": after_first,
+        "every_minute_after_the_first_at_least_target": (
+            all((minute["hit_rate"] or 0) >= TARGET_HIT_RATE for minute in per_minute[1:])
+            if len(per_minute) > 1
+            else None
+        ),
+        "writes": len(writer.writes),
+        "writes_per_minute": round(60 / writer.interval, 1),
+        "write_salons": "zipf" if writer.weights else "uniform",
+        "writer_error": writer.error,
+        "distinct_keys_requested": workloads.distinct_keys(0, result["requests"]),
+    }
+    return result
+
+
 def check_report(server: Server, path: str, token: str) -> None:
     """The cached report must answer 200 before it is measured."""
     status, body = http_get(f"{server.base}{path}", token, timeout=60)
@@ -559,9 +719,11 @@ def clear_cache(server: Server, admin_token: str) -> None:
         raise RuntimeError(f"cache clear answered {status}: {body[:200]!r}")
 
 
-def read_stats(server: Server, admin_token: str) -> dict[str, Any]:
-    """``/performance/stats``, once every worker has published what it counted so far."""
-    time.sleep(STATS_SETTLE_SECONDS)
+def read_stats(server: Server, admin_token: str, settle: bool = True) -> dict[str, Any]:
+    """``/performance/stats``, once every worker has published what it counted so far
+    (unless ``settle`` is false: then the others' counts are up to 2 s old)."""
+    if settle:
+        time.sleep(STATS_SETTLE_SECONDS)
     status, body = http_get(f"{server.base}{STATS_PATH}", admin_token, timeout=10)
     if status != 200:
         raise RuntimeError(f"/performance/stats answered {status}: {body[:300]!r}")
@@ -569,8 +731,8 @@ def read_stats(server: Server, admin_token: str) -> dict[str, Any]:
     return stats
 
 
-def cache_counts(server: Server, admin_token: str) -> dict[str, Any]:
-    stats = read_stats(server, admin_token)
+def cache_counts(server: Server, admin_token: str, settle: bool = True) -> dict[str, Any]:
+    stats = read_stats(server, admin_token, settle)
     cache = stats["since_start"]["cache"]
     return {
         "hits": cache["hits"],
@@ -901,6 +1063,45 @@ def _ratios_table(summary: dict[str, Any], samplers: list[float]) -> Table:
     return table
 
 
+def _under_writes_table(result: dict[str, Any]) -> Table:
+    cache = result["cache"]
+    table = Table(
+        title=f"Zipf mix from an empty cache, {result['connections']} connections,"
+        f" {cache['writes_per_minute']:g} booking writes/min ({cache['write_salons']} salons):"
+        f" hit rate per minute (hit + stale) / (hit + stale + miss + error)"
+    )
+    for column in ("minute", "lookups", "hit", "stale", "miss", "error", "writes", "hit rate"):
+        table.add_column(column, justify="right")
+    for minute in cache["per_minute"]:
+        table.add_row(
+            str(minute["minute"]),
+            f"{minute['lookups']:,}",
+            f"{minute['hits']:,}",
+            f"{minute['stale']:,}",
+            f"{minute['misses']:,}",
+            f"{minute['errors']:,}",
+            str(minute["writes"]),
+            _pct1(minute["hit_rate"]),
+        )
+    after = cache["after_first_minute"]
+    if after is not None:
+        table.add_row(
+            "2 to end",
+            f"{after['lookups']:,}",
+            f"{after['hits']:,}",
+            f"{after['stale']:,}",
+            f"{after['misses']:,}",
+            f"{after['errors']:,}",
+            str(sum(minute["writes"] for minute in cache["per_minute"][1:])),
+            _pct1(after["hit_rate"]),
+        )
+    return table
+
+
+def _pct1(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1%}"
+
+
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value:.0%}"
 
@@ -927,7 +1128,28 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="wrk request timeout, s")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--redis-db", type=int, default=15)
+    parser.add_argument(
+        "--hit-rate-minutes",
+        type=float,
+        default=5.0,
+        help="minutes of the Zipf mix from an empty cache under booking writes, hit rate per"
+        " minute (0: none)",
+    )
+    parser.add_argument("--writes-per-minute", type=float, default=30.0)
+    parser.add_argument(
+        "--write-salons",
+        choices=("uniform", "zipf"),
+        default="uniform",
+        help="salons written: uniformly, or with the reads' popularity",
+    )
+    parser.add_argument(
+        "--hit-rate-only",
+        action="store_true",
+        help="run only the hit-rate run under writes (one server, tracing at the first ratio)",
+    )
     args = parser.parse_args()
+    if args.hit_rate_only and args.hit_rate_minutes <= 0:
+        parser.error("--hit-rate-only needs --hit-rate-minutes > 0")
     connections = [int(c) for c in args.connections.split(",") if c]
     samplers = [float(s) for s in args.samplers.split(",") if s]
     console = Console()
@@ -962,6 +1184,7 @@ def main() -> None:
     servers: list[Server] = []
     failure: str | None = None
     owner = _owner_token(workloads, busiest)
+    under_writes: dict[str, Any] | None = None
 
     def record(result: dict[str, Any], config: Config, kind: str, path: str) -> None:
         result.update(config=config.name, tracing=config.tracing, workload=kind, path=path)
@@ -974,7 +1197,7 @@ def main() -> None:
         )
 
     try:
-        plan = configs(samplers)
+        plan = configs(samplers)[:1] if args.hit_rate_only else configs(samplers)
         for config in plan:
             env = server_env(dict(os.environ), dataset, redis_url, settings.jwt_secret, config.env)
             server = Server(config.name, env, args.workers, workdir / f"{config.name}.log")
@@ -983,6 +1206,8 @@ def main() -> None:
             console.log(f"server {config.name} ({config.tracing}) on {server.base}")
             clear_cache(server, workloads.admin_token)
             check_report(server, workloads.cached.path, owner)
+            if args.hit_rate_only:
+                continue
             for workload in (workloads.bare, workloads.cached):
                 if args.warmup > 0:
                     run_wrk(server, workload, connections[0], args.warmup, args.threads, 10)
@@ -990,7 +1215,7 @@ def main() -> None:
 
         # 1. Throughput ratios: bare and cached on every server, interleaved and repeated, so
         # that the machine's drift and noise fall on every configuration alike (medians kept).
-        for _ in range(args.repeats):
+        for _ in range(0 if args.hit_rate_only else args.repeats):
             for conns in connections:
                 for config, server in zip(plan, servers, strict=True):
                     for kind, workload in (("bare", workloads.bare), ("cached", workloads.cached)):
@@ -1001,7 +1226,7 @@ def main() -> None:
 
         # 2. Misses and the Zipf mix, on the servers that run them (the first one).
         for config, server in zip(plan, servers, strict=True):
-            for kind in ("uncached", "zipf") if config.misses else ():
+            for kind in ("uncached", "zipf") if config.misses and not args.hit_rate_only else ():
                 steps = [(i, conns, args.mix_duration) for i, conns in enumerate(connections)]
                 if kind == "zipf" and args.zipf_steady > 0:
                     # then the same mix, on, for longer: the hit rate once warm
@@ -1027,6 +1252,28 @@ def main() -> None:
                         zipf_offset += result["requests"]
                     steady = kind == "zipf" and index == len(connections)
                     record(result, config, "zipf-steady" if steady else kind, workload.path)
+
+        # 3. The hit rate, minute by minute, from an empty cache under booking writes.
+        if args.hit_rate_minutes > 0:
+            writer = BookingWriter(
+                dataset.url,
+                salon_ids,
+                dataset.seeded_on,
+                args.writes_per_minute,
+                args.write_salons,
+            )
+            result = hit_rate_under_writes(
+                servers[0],
+                workloads,
+                writer,
+                args.hit_rate_minutes,
+                connections[0],
+                args.threads,
+                args.timeout,
+                console.log,
+            )
+            record(result, plan[0], "zipf+writes", f"{PREFIX}/…")
+            under_writes = result
 
         for config, server in zip(plan, servers, strict=True):
             final = read_stats(server, workloads.admin_token)
@@ -1060,6 +1307,8 @@ def main() -> None:
             f" {estimate['ttls_s']}, stale grace {estimate['stale_grace_s']} s, no writes):"
             f" hit rate {estimate['hit_rate']:.1%}"
         )
+    if under_writes is not None:
+        console.print(_under_writes_table(under_writes))
     for name, timing in timings.items():
         if "error" in timing:
             console.print(f"idle cached request, {name}: {timing['error']}")
@@ -1091,6 +1340,7 @@ def main() -> None:
         },
         "runs": runs,
         "summary": summary,
+        "hit_rate_under_writes": under_writes,
         "idle_cached_request": timings,
         "server_endpoint_stats": server_stats,
         "failure": failure,

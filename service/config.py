@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     cache_lock_lease: float = Field(15.0, alias="REPORTS_CACHE_LOCK_LEASE", gt=0)
     cache_local_entries: int = Field(5000, alias="REPORTS_CACHE_LOCAL_ENTRIES", ge=0)
     cache_local_max_age: float = Field(30.0, alias="REPORTS_CACHE_LOCAL_MAX_AGE", gt=0)
+    # Keys read within this many seconds are recomputed after an invalidation and refreshed
+    # ahead of their expiry (0: neither).
+    cache_refresh_recent: float = Field(120.0, alias="REPORTS_CACHE_REFRESH_RECENT", ge=0)
     jaeger_url: str = Field("http://localhost:16686", alias="REPORTS_JAEGER_URL")
 
     @property

@@ -138,6 +138,7 @@ async def start_resources(settings: Settings, telemetry: Telemetry) -> Resources
         ),
         tracer=telemetry.tracer,
         local=LocalTier(settings.cache_local_entries, settings.cache_local_max_age),
+        refresh_recent=settings.cache_refresh_recent,
     )
     listener = None
     publisher = None

@@ -433,6 +433,116 @@ async def test_an_invalidated_entry_is_not_served_while_the_database_is_down(
         api.resources.cache.listener_healthy = True
 
 
+# -- recompute instead of evict, refresh ahead of expiry ------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def refreshing_api(
+    base_settings: Settings, database_url: str, redis_url: str
+) -> AsyncIterator[Api]:
+    """An app that recomputes what was read in the last two minutes after an invalidation."""
+    settings = app_settings(base_settings, database_url, redis_url, cache_refresh_recent=120.0)
+    async with RunningApi(settings) as api:
+        await settled(api)
+        yield api
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait for ``condition`` (an ordering, not a duration: the limit only ends a hung test)."""
+    for _ in range(600):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def test_a_key_read_recently_is_recomputed_after_a_change_not_evicted(
+    base_settings: Settings,
+    database_url: str,
+    redis_url: str,
+    data: dict[str, int],
+    db: psycopg.Connection,
+) -> None:
+    """A write to lisbon: lisbon's dashboard, read before, is recomputed in the background
+    once its epoch is gone, so the next read is a HIT that includes the write; what was never
+    read (the platform's, newyork's) is not recomputed."""
+    async with refreshing_api(base_settings, database_url, redis_url) as api:
+        cache = api.resources.cache
+        salon = data["lisbon"]
+        assert await dashboard_total(api, salon) == (4, "MISS")
+        assert await dashboard_total(api, salon) == (4, "HIT")
+        book(db, data)
+        await settled(api)
+        await cache.background_done()
+        assert cache.recomputations == 1
+        assert await dashboard_total(api, salon) == (5, "HIT")
+
+
+async def test_a_recomputation_overtaken_by_a_change_is_never_stored(
+    base_settings: Settings,
+    database_url: str,
+    redis_url: str,
+    data: dict[str, int],
+    db: psycopg.Connection,
+    hold: Callable[..., HeldQuery],
+) -> None:
+    """The interleaving that would break recompute-instead-of-evict: recomputation R1 (after
+    write 1) reads the epoch, queries (5 bookings) and is slow; write 2 commits, is folded and
+    invalidated, and recomputation R2 stores 6; then R1 finishes. R1 must not store its 5 over
+    R2's 6 as current: the epoch it read was deleted by write 2's invalidation."""
+    async with refreshing_api(base_settings, database_url, redis_url) as api:
+        cache = api.resources.cache
+        salon = data["lisbon"]
+        await dashboard_total(api, salon)
+        assert await dashboard_total(api, salon) == (4, "HIT")
+        held = hold()  # the next dashboard query (R1's) waits after reading
+        book(db, data)
+        await settled(api)
+        await held.until_read()  # R1 has read 5 bookings
+        book(db, data)
+        await settled(api)
+        await until(lambda: cache.recomputations >= 1, "R2 stored")  # R1 is still held
+        assert await dashboard_total(api, salon) == (6, "HIT")
+        held.release.set()
+        await cache.background_done()
+        assert cache.recomputations == 2
+        cache.local.drop()  # what Redis holds, not this worker's copy of R2's answer
+        assert await dashboard_total(api, salon) == (6, "HIT")
+
+
+async def test_a_key_read_near_its_expiry_is_refreshed_ahead_of_it(redis_url: str) -> None:
+    """Read in the last tenth of its TTL, an entry is recomputed in the background; the read
+    itself is a HIT and the next one gets the new computation, fresh for another TTL."""
+    client = Redis.from_url(redis_url)
+    now = [1_000_000.0]
+    cache = ReportCache(client, reports=CACHED_REPORTS, clock=lambda: now[0], refresh_recent=120.0)
+    key = build_key("dashboard", 7, "admin", {"start": "2026-02-01", "end": "2026-02-28"})
+    computed: list[bytes] = []
+
+    async def compute() -> bytes:
+        computed.append(f'{{"n":{len(computed)}}}'.encode())
+        return computed[-1]
+
+    try:
+        await cache.clear_all()
+        assert (await cache.fetch(key, 100, compute)).result.value == "miss"
+        now[0] += 80  # 20 s left: no refresh
+        assert (await cache.fetch(key, 100, compute)).result.value == "hit"
+        await cache.background_done()
+        assert len(computed) == 1
+        now[0] += 15  # 5 s left
+        outcome = await cache.fetch(key, 100, compute)
+        assert (outcome.result.value, outcome.entry.body) == ("hit", b'{"n":0}')
+        await cache.background_done()
+        assert len(computed) == 2
+        outcome = await cache.fetch(key, 100, compute)
+        assert (outcome.result.value, outcome.entry.body) == ("hit", b'{"n":1}')
+        assert outcome.entry.fresh_until == now[0] + 100
+    finally:
+        await cache.close()
+        await client.aclose()
+
+
 # -- everything at once: the contract checked on every answer ------------------------------
 
 
@@ -513,6 +623,7 @@ async def test_randomized_writes_reads_evictions_and_reconnects_keep_the_contrac
         cache_ttl_dashboard=1,
         cache_stale_grace=30,
         pool_timeout=15.0,
+        cache_refresh_recent=120.0,  # recompute after invalidations, refresh ahead of expiry
     )
     scopes = {
         "lisbon": data["lisbon"],
@@ -656,12 +767,14 @@ async def test_randomized_writes_reads_evictions_and_reconnects_keep_the_contrac
                     response = await worker.report("dashboard", **params)
                     view = dashboard_view(response.json())
                     assert view == history.views[scope][-1], (seed, index, scope)
+        recomputations = sum(worker.resources.cache.recomputations for worker in workers)
     print(
         f"seed {seed}: served {dict(served)}; longest behind a committed write, by X-Cache, "
         f"in seconds (all within what the workers had been told): "
-        f"{ {k: round(v, 3) for k, v in behind.items()} }"
+        f"{ {k: round(v, 3) for k, v in behind.items()} }; {recomputations} recomputations"
     )
     assert not failures, (seed, failures[:10])
     assert sum(served.values()) >= 200, served
     assert served["HIT"] > 0
     assert served["MISS"] > 0
+    assert recomputations > 0  # the recomputation after invalidations was in the mix

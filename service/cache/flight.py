@@ -50,6 +50,10 @@ class SingleFlight:
         future.set_result(outcome)
         return outcome.copy()
 
+    def running(self, key: CacheKey) -> bool:
+        """Whether a computation of ``key`` that takes joiners is in flight here."""
+        return key.key in self._inflight
+
     def detach(self, tag: str | None, report: str | None = None) -> None:
         """Computations in flight for a scope (or all) take no more joiners: they may predate
         a change. They finish for those already waiting; their store is refused if the change

@@ -21,6 +21,15 @@ changed or cleared.
 Stale-while-revalidate. Entries live in Redis ``grace`` seconds past their TTL. Such an entry
 is served as ``STALE`` (if its epoch still holds) while one background task refreshes it.
 
+Recompute instead of evict. Keys this process served within ``refresh_recent`` seconds are
+remembered with their computation (at most ``RECENT_KEYS``). When an invalidation round has
+deleted a scope's epochs in Redis, the remembered keys of that scope are recomputed in the
+background, in this process's single flight (requests for them join it) and under the
+cross-process lock; and a key read in the last tenth of its TTL is refreshed ahead of its
+expiry. A refresh is a computation like any miss: it reads the epoch (created anew after the
+invalidation) before its query and stores only if that epoch still holds, so a refresh that a
+later change overtakes is refused, never stored as current.
+
 Failure. Every Redis call has a short socket timeout; a circuit breaker stops calling Redis
 after repeated failures and probes it again after a pause. While Redis is unusable, or while
 the invalidation listener is disconnected (notifications may be lost), requests bypass the
@@ -39,6 +48,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection
 
 from opentelemetry import trace
@@ -61,6 +71,9 @@ from telemetry import attributes as attr
 logger = logging.getLogger("service.cache")
 
 HOLDER_WAIT_SECONDS = 5.0  # the longest a request waits for another process's computation
+RECENT_KEYS = 2000  # keys remembered for recomputation after an invalidation, per process
+REFRESH_AHEAD = 0.1  # a key read in this last share of its TTL is refreshed before it expires
+REFRESH_CONCURRENCY = 4  # background recomputations at once, per process
 
 
 Compute = Callable[[], Awaitable[bytes]]
@@ -85,6 +98,7 @@ class ReportCache:
         clock: Callable[[], float] = time.time,
         tracer: trace.Tracer | None = None,
         local: LocalTier | None = None,
+        refresh_recent: float = 0.0,
     ) -> None:
         self.redis = redis
         self.reports = tuple(reports)
@@ -101,6 +115,13 @@ class ReportCache:
         self._flights = SingleFlight()
         self._refreshing: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
+        # Keys served recently, oldest read first: key -> (key, ttl, computation, last read).
+        self.refresh_recent = refresh_recent
+        self._recent: OrderedDict[str, tuple[CacheKey, float, Compute, float]] = OrderedDict()
+        self._refresh_slots = asyncio.Semaphore(REFRESH_CONCURRENCY)
+        self.recomputations = 0  # recomputations after an invalidation (stored or refused)
+        # Tests: awaited by a recomputation after it read the epoch, before its query.
+        self.before_recompute: Callable[[CacheKey], Awaitable[None]] | None = None
 
     # -- availability -------------------------------------------------------------------
 
@@ -137,6 +158,8 @@ class ReportCache:
     async def _fetch(self, key: CacheKey, ttl: float, compute: Compute) -> Outcome:
         started = time.perf_counter()
         trusted = self.redis is not None and self.listener_healthy
+        if trusted and self.refresh_recent > 0:
+            self._remember(key, ttl, compute)
         generation = self.local.generation
         local = self.local.get(key) if trusted else None
         if local is not None:
@@ -158,8 +181,11 @@ class ReportCache:
         cache_ms = (time.perf_counter() - started) * 1000
         entry = CacheEntry.valid(raw, epoch)
         if entry is not None:
-            if entry.fresh_until > self.clock():
+            now = self.clock()
+            if entry.fresh_until > now:
                 self.local.put(key, entry, generation)
+                if self.refresh_recent > 0 and entry.fresh_until - now < ttl * REFRESH_AHEAD:
+                    self._refresh_in_background(key, ttl, compute)  # ahead of its expiry
                 return Outcome(entry, CacheResult.HIT, cache_ms=cache_ms)
             self._refresh_in_background(key, ttl, compute)
             return Outcome(entry, CacheResult.STALE, cache_ms=cache_ms)
@@ -373,16 +399,79 @@ class ReportCache:
         """Invalidate in Redis everything announced so far, in one round trip; returns the
         last announcement covered."""
         covered = self.announcements.announced
+        invalidated: set[str] | None = set()
         if self.announcements.everything_pending:
             await self.clear_all()
+            invalidated = None
         elif self.announcements.pending_tags and self.redis is not None:
             assert self._scripts is not None
+            invalidated = set(self.announcements.pending_tags)
             await invalidate_scopes(
-                self.redis, self._scripts, self.breaker, self.announcements.pending_tags,
-                self.reports,
-            )  # fmt: skip
+                self.redis, self._scripts, self.breaker, list(invalidated), self.reports
+            )
         self.announcements.settle(covered)
+        self._recompute_recent(invalidated)
         return covered
+
+    # -- recompute instead of evict -----------------------------------------------------
+
+    def _remember(self, key: CacheKey, ttl: float, compute: Compute) -> None:
+        recent = self._recent
+        recent[key.key] = (key, ttl, compute, self.clock())
+        recent.move_to_end(key.key)
+        if len(recent) > RECENT_KEYS:
+            recent.popitem(last=False)
+
+    def _recompute_recent(self, tags: set[str] | None) -> None:
+        """Recompute, in the background, the keys of these scopes (None: every scope) read in
+        the last ``refresh_recent`` seconds, now that their epochs are gone from Redis."""
+        if self.refresh_recent <= 0 or tags == set():
+            return
+        since = self.clock() - self.refresh_recent
+        while self._recent:  # forget what was not read recently (oldest first)
+            oldest = next(iter(self._recent.values()))
+            if oldest[3] >= since:
+                break
+            self._recent.popitem(last=False)
+        for key, ttl, compute, _ in list(self._recent.values()):
+            if tags is None or key.tag in tags:
+                task = asyncio.create_task(self._recompute(key, ttl, compute))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _recompute(self, key: CacheKey, ttl: float, compute: Compute) -> None:
+        """One key after an invalidation: in the single flight, under the lock, stored only
+        under an epoch read before its query (see ``_recomputation``)."""
+        try:
+            async with self._refresh_slots:
+                if (
+                    self._flights.running(key)  # a request is computing it already
+                    or not self.listener_healthy
+                    or self.announcements.pending(key.tag)  # another change: its round follows
+                    or not self.breaker.allow()
+                ):
+                    return
+                await self._flights.run(key, lambda: self._recomputation(key, ttl, compute))
+        except Exception:
+            logger.warning("recomputing a %s report failed", key.report, exc_info=True)
+
+    async def _recomputation(self, key: CacheKey, ttl: float, compute: Compute) -> Outcome:
+        token = secrets.token_hex(8)
+        epoch, locked = await self.breaker.call(self._epoch_and_lock(key, token))
+        if not locked:
+            # Another process computes it: most often its own recomputation after the same
+            # change, whose store this process's invalidation may have refused. Wait for it;
+            # if it leaves no valid entry, compute here (its epoch read again, after this
+            # process's invalidation).
+            waited = await self._wait_for_holder(key)
+            if waited is not None:
+                return waited
+            epoch, locked = await self.breaker.call(self._epoch_and_lock(key, token))
+        if self.before_recompute is not None:
+            await self.before_recompute(key)
+        outcome = await self._compute_and_store(key, ttl, compute, epoch, token if locked else None)
+        self.recomputations += 1
+        return outcome
 
     def forget_local(self, tag: str | None = None, report: str | None = None) -> None:
         """Drop what this process holds of a scope (or of all): its local copies, and the
@@ -438,6 +527,11 @@ class ReportCache:
         if report is None:
             self.announcements.settle(covered)
         return deleted
+
+    async def background_done(self) -> None:
+        """Wait for the background refreshes and recomputations running now (tests)."""
+        while self._background:
+            await asyncio.wait(set(self._background))
 
     async def close(self) -> None:
         """Let background refreshes finish (briefly), then abandon them."""

@@ -222,7 +222,14 @@ class ReportService:
         # the zone changed must not store its answer where requests after the change look.
         params = {**params, "timezone": scope.timezone}
         key = build_key(report, scope.salon_id, principal.scope_key, params)
-        return await self.cache.fetch(key, self.settings.cache_ttl(report), compute)
+
+        async def current() -> bytes:
+            # Checked again when it runs: the cache may run it later (a recomputation after
+            # an invalidation, a refresh), when the stream may no longer be current.
+            self.stream.require_current()
+            return await compute()
+
+        return await self.cache.fetch(key, self.settings.cache_ttl(report), current)
 
     @staticmethod
     def _meta(scope: Scope, period: Period) -> ReportMeta:
