@@ -663,18 +663,34 @@ def hit_rate_under_writes(
     writer.start()
     readings = [first]
     per_minute: list[dict[str, Any]] = []
+    seen: set[tuple[int | None, str]] = set()
+    walked = 0  # requests of the list sent so far (wrk walks it in order, one thread)
     try:
+        previous = started
         for minute in range(1, int(-(-duration // 60)) + 1):
             at = started + min(minute * 60, duration)
             time.sleep(max(0.0, at - time.monotonic()))
             readings.append(cache_counts(server, workloads.admin_token, settle=False))
             rate = hit_rate(readings[-2], readings[-1])
             rate["minute"] = minute
-            rate["writes"] = sum(1 for t in writer.writes if at - min(60, at - started) <= t < at)
+            rate["writes"] = sum(1 for t in writer.writes if previous <= t < at)
+            previous = at
+            # The best any cache could do on these requests: each key's first request misses.
+            first_seen = 0
+            for index in range(walked, walked + rate["lookups"]):
+                request = workloads.zipf_lines[index % len(workloads.zipf_lines)]
+                if request not in seen:
+                    seen.add(request)
+                    first_seen += 1
+            walked += rate["lookups"]
+            rate["first_requests"] = first_seen
+            rate["ceiling"] = (
+                round(1 - first_seen / rate["lookups"], 4) if rate["lookups"] else None
+            )
             per_minute.append(rate)
             log(
-                f"minute {minute}: hit rate {_pct(rate['hit_rate'])} of {rate['lookups']:,}"
-                f" lookups, {rate['writes']} writes"
+                f"minute {minute}: hit rate {_pct1(rate['hit_rate'])} of {rate['lookups']:,}"
+                f" lookups (ceiling {_pct1(rate['ceiling'])}), {rate['writes']} writes"
             )
         stdout, stderr = process.communicate(timeout=timeout_s + 60)
     finally:
@@ -1070,7 +1086,8 @@ def _under_writes_table(result: dict[str, Any]) -> Table:
         f" {cache['writes_per_minute']:g} booking writes/min ({cache['write_salons']} salons):"
         f" hit rate per minute (hit + stale) / (hit + stale + miss + error)"
     )
-    for column in ("minute", "lookups", "hit", "stale", "miss", "error", "writes", "hit rate"):
+    columns = ("minute", "lookups", "hit", "stale", "miss", "error", "writes", "hit rate")
+    for column in (*columns, "ceiling (first requests miss)"):
         table.add_column(column, justify="right")
     for minute in cache["per_minute"]:
         table.add_row(
@@ -1082,6 +1099,7 @@ def _under_writes_table(result: dict[str, Any]) -> Table:
             f"{minute['errors']:,}",
             str(minute["writes"]),
             _pct1(minute["hit_rate"]),
+            _pct1(minute["ceiling"]),
         )
     after = cache["after_first_minute"]
     if after is not None:
@@ -1094,8 +1112,15 @@ def _under_writes_table(result: dict[str, Any]) -> Table:
             f"{after['errors']:,}",
             str(sum(minute["writes"] for minute in cache["per_minute"][1:])),
             _pct1(after["hit_rate"]),
+            _pct1(after_ceiling(cache["per_minute"][1:])),
         )
     return table
+
+
+def after_ceiling(minutes: list[dict[str, Any]]) -> float | None:
+    lookups = sum(minute["lookups"] for minute in minutes)
+    first = sum(minute["first_requests"] for minute in minutes)
+    return round(1 - first / lookups, 4) if lookups else None
 
 
 def _pct1(value: float | None) -> str:
@@ -1295,11 +1320,11 @@ def main() -> None:
             secret.unlink(missing_ok=True)
 
     summary = summarise(runs, samplers, connections)
-    summary["zipf_simulated_steady_state"] = steady_state(
-        runs, salon_ids, dataset.seeded_on, settings
+    summary["zipf_simulated_steady_state"] = (
+        [] if args.hit_rate_only else steady_state(runs, salon_ids, dataset.seeded_on, settings)
     )
     console.print(_table(runs))
-    if runs:
+    if runs and not args.hit_rate_only:
         console.print(_ratios_table(summary, samplers))
     for estimate in summary["zipf_simulated_steady_state"]:
         console.print(

@@ -476,6 +476,14 @@ async def test_a_key_read_recently_is_recomputed_after_a_change_not_evicted(
         await cache.background_done()
         assert cache.recomputations == 1
         assert await dashboard_total(api, salon) == (5, "HIT")
+        book(db, data)  # read once since its recomputation: recomputed once more
+        await settled(api)
+        await cache.background_done()
+        book(db, data)  # not read since: not recomputed again
+        await settled(api)
+        await cache.background_done()
+        assert cache.recomputations == 2
+        assert await dashboard_total(api, salon) == (7, "MISS")
 
 
 async def test_a_recomputation_overtaken_by_a_change_is_never_stored(
@@ -487,9 +495,10 @@ async def test_a_recomputation_overtaken_by_a_change_is_never_stored(
     hold: Callable[..., HeldQuery],
 ) -> None:
     """The interleaving that would break recompute-instead-of-evict: recomputation R1 (after
-    write 1) reads the epoch, queries (5 bookings) and is slow; write 2 commits, is folded and
-    invalidated, and recomputation R2 stores 6; then R1 finishes. R1 must not store its 5 over
-    R2's 6 as current: the epoch it read was deleted by write 2's invalidation."""
+    write 1) reads the epoch, queries (5 bookings) and is slow; a reader joins it; write 2
+    commits, is folded and invalidated, and recomputation R2 stores 6; then R1 finishes. R1
+    must not store its 5 over R2's 6 as current: the epoch it read was deleted by write 2's
+    invalidation. (The reader, begun before write 2, may get R1's 5.)"""
     async with refreshing_api(base_settings, database_url, redis_url) as api:
         cache = api.resources.cache
         salon = data["lisbon"]
@@ -499,11 +508,14 @@ async def test_a_recomputation_overtaken_by_a_change_is_never_stored(
         book(db, data)
         await settled(api)
         await held.until_read()  # R1 has read 5 bookings
+        joined = asyncio.create_task(dashboard_total(api, salon))  # read again: remembered
+        await parked(joined)
         book(db, data)
         await settled(api)
         await until(lambda: cache.recomputations >= 1, "R2 stored")  # R1 is still held
         assert await dashboard_total(api, salon) == (6, "HIT")
         held.release.set()
+        assert (await joined)[0] in (5, 6)
         await cache.background_done()
         assert cache.recomputations == 2
         cache.local.drop()  # what Redis holds, not this worker's copy of R2's answer

@@ -23,7 +23,8 @@ is served as ``STALE`` (if its epoch still holds) while one background task refr
 
 Recompute instead of evict. Keys this process served within ``refresh_recent`` seconds are
 remembered with their computation (at most ``RECENT_KEYS``). When an invalidation round has
-deleted a scope's epochs in Redis, the remembered keys of that scope are recomputed in the
+deleted a scope's epochs in Redis, the remembered keys of that scope are recomputed (and
+forgotten until read again: at most one recomputation per read) in the
 background, in this process's single flight (requests for them join it) and under the
 cross-process lock; and a key read in the last tenth of its TTL is refreshed ahead of its
 expiry. A refresh is a computation like any miss: it reads the epoch (created anew after the
@@ -433,8 +434,12 @@ class ReportCache:
             if oldest[3] >= since:
                 break
             self._recent.popitem(last=False)
-        for key, ttl, compute, _ in list(self._recent.values()):
+        for name, (key, ttl, compute, _) in list(self._recent.items()):
             if tags is None or key.tag in tags:
+                # Forgotten until it is read again: a key is recomputed at most once per
+                # read, however often its scope changes (each platform-wide key at every
+                # write, else).
+                del self._recent[name]
                 task = asyncio.create_task(self._recompute(key, ttl, compute))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
