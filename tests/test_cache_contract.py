@@ -486,6 +486,40 @@ async def test_a_key_read_recently_is_recomputed_after_a_change_not_evicted(
         assert await dashboard_total(api, salon) == (7, "MISS")
 
 
+async def test_a_follower_recomputes_what_it_read_when_the_invalidators_round_ends(
+    base_settings: Settings,
+    database_url: str,
+    redis_url: str,
+    data: dict[str, int],
+    db: psycopg.Connection,
+) -> None:
+    """Two workers; only the follower read lisbon's dashboard. The invalidator deletes the
+    epochs; the follower, settling by the round's end marker, recomputes what it read."""
+    settings = app_settings(base_settings, database_url, redis_url, cache_refresh_recent=120.0)
+    async with RunningApi(settings) as leader, RunningApi(settings) as follower:
+        for worker in (leader, follower):
+            await settled(worker)
+        leading, following = leader.resources.listener, follower.resources.listener
+        assert leading is not None
+        assert following is not None
+        assert leading.invalidator
+        assert not following.invalidator
+        following.follow_wait = 30.0  # settled by the round, not by invalidating itself
+        salon = data["lisbon"]
+        assert await dashboard_total(follower, salon) == (4, "MISS")
+        book(db, data)
+        for worker in (leader, follower):
+            await settled(worker)
+        await follower.resources.cache.background_done()
+        assert following.rounds_followed >= 1
+        assert following.fallbacks == 0
+        assert (leader.resources.cache.recomputations, follower.resources.cache.recomputations) == (
+            0,
+            1,
+        )
+        assert await dashboard_total(follower, salon) == (5, "HIT")
+
+
 async def test_a_recomputation_overtaken_by_a_change_is_never_stored(
     base_settings: Settings,
     database_url: str,

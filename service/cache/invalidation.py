@@ -69,6 +69,12 @@ class Announcements:
     def pending_tags(self) -> list[str]:
         return list(self._pending)
 
+    def settling(self, covered: int) -> set[str] | None:
+        """The scopes ``settle(covered)`` settles (None: every scope, "everything" was)."""
+        if self._everything and self._everything <= covered:
+            return None
+        return {tag for tag, last in self._pending.items() if last <= covered}
+
     def settle(self, covered: int) -> None:
         """Announcements up to ``covered`` are invalidated in Redis."""
         self._pending = {tag: last for tag, last in self._pending.items() if last > covered}

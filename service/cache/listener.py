@@ -348,7 +348,7 @@ class InvalidationListener:
             return
         # Only what came after the invalidator listened: it never saw what came before.
         if self.cache.applied >= self._hellos.get(sender, 0):
-            self.cache.announcements.settle(before_start)
+            self.cache.settle_invalidated(before_start)
             self.rounds_followed += 1
 
     def _drop_local(self, payload: str) -> None:

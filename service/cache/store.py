@@ -414,6 +414,14 @@ class ReportCache:
         self._recompute_recent(invalidated)
         return covered
 
+    def settle_invalidated(self, covered: int) -> None:
+        """The fleet's invalidator has invalidated in Redis every change announced here up to
+        ``covered``: settle them, and recompute what this process read of their scopes.
+        Synchronous: the listener calls it as the invalidator's end marker arrives."""
+        scopes = self.announcements.settling(covered)
+        self.announcements.settle(covered)
+        self._recompute_recent(scopes)
+
     # -- recompute instead of evict -----------------------------------------------------
 
     def _remember(self, key: CacheKey, ttl: float, compute: Compute) -> None:
