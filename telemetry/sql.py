@@ -9,7 +9,9 @@ per engine so that several apps in one process each keep their own tracer provid
 hooks, which run before its span ends, rename the span after the query (the
 ``query_name`` execution option, e.g. ``report.dashboard``) and add
 ``db.query.summary`` and ``db.response.returned_rows``. They also record
-``db.client.operation.duration`` and ``db.client.response.returned_rows``, feed the stats
+``db.client.operation.duration`` (``db.system.name``, ``db.namespace``, ``db.operation.name``,
+``db.query.summary``, ``server.address``, ``server.port``, and ``error.type`` on a failed or
+timed-out statement) and ``db.client.response.returned_rows``, feed the stats
 aggregator (every statement, sampled or not), and for a statement slower than the threshold
 write one structured JSON log line with the trace and span ids and add a ``slow_query`` span
 event. The statement text recorded has placeholders only; parameter values never leave.
@@ -21,6 +23,7 @@ import json
 import logging
 import re
 import time
+from functools import lru_cache
 from typing import Any
 
 from opentelemetry import trace
@@ -46,6 +49,7 @@ UNNAMED_QUERY = "sql.other"
 _TOP_LEVEL = re.compile(r"\(|\)|\b(SELECT|INSERT|UPDATE|DELETE|MERGE)\b", re.IGNORECASE)
 
 
+@lru_cache(maxsize=512)
 def operation_name(statement: str) -> str | None:
     """The statement's operation (``db.operation.name``): the first top-level verb after any
     ``WITH`` list, so a CTE query is the ``SELECT`` (or ``INSERT`` ...) it ends in."""
@@ -87,14 +91,14 @@ class SqlTelemetry:
         event.listen(engine, "do_connect", self._connecting)
         event.listen(engine, "connect", self._connected)
         self._connect_tracer = tracer_provider.get_tracer("salon-reports")
+        # Which server and database (primary and replica engines differ here).
         url = engine.url
-        self._connect_attributes: dict[str, str | int] = {attr.DB_SYSTEM_NAME: attr.POSTGRESQL}
-        if url.host:
-            self._connect_attributes[attr.SERVER_ADDRESS] = url.host
-        if url.port:
-            self._connect_attributes[attr.SERVER_PORT] = url.port
-        if url.database:
-            self._connect_attributes[attr.DB_NAMESPACE] = url.database
+        self._server_attributes: dict[str, str | int] = {
+            attr.SERVER_ADDRESS: url.host or "localhost",
+            attr.SERVER_PORT: url.port or 5432,
+            attr.DB_NAMESPACE: url.database or "",
+        }
+        self._connect_attributes = {attr.DB_SYSTEM_NAME: attr.POSTGRESQL, **self._server_attributes}
         unused = NoOpMeterProvider().get_meter("unused").create_up_down_counter("unused")
         self._tracer = EngineTracer(  # type: ignore[no-untyped-call]
             tracer_provider.get_tracer("opentelemetry.instrumentation.sqlalchemy"),
@@ -144,10 +148,14 @@ class SqlTelemetry:
         context._reports_started = time.perf_counter()
 
     def _failed(self, exception_context: Any) -> None:
-        """A statement that failed (a statement timeout, say) still took its time: record it."""
+        """A statement that failed (a statement timeout, say) still took its time: record it,
+        with ``error.type`` (the SQLSTATE, e.g. ``57014`` for a cancelled statement, or the
+        exception's class)."""
         context = exception_context.execution_context
         if context is None:
             return
+        error = exception_context.original_exception
+        context._reports_error_type = getattr(error, "sqlstate", None) or type(error).__name__
         self._after(None, None, exception_context.statement or "", None, context, False)
 
     def _after(
@@ -162,7 +170,14 @@ class SqlTelemetry:
         rowcount = getattr(cursor, "rowcount", None)
         rows = rowcount if isinstance(rowcount, int) else -1
         labels = {attr.DB_SYSTEM_NAME: attr.POSTGRESQL, attr.DB_QUERY_SUMMARY: name}
-        self.instruments.db_duration.record(seconds, labels)
+        operation = operation_name(statement)
+        duration_labels: dict[str, str | int] = {**self._server_attributes, **labels}
+        if operation is not None:
+            duration_labels[attr.DB_OPERATION_NAME] = operation
+        error_type = getattr(context, "_reports_error_type", None)
+        if error_type is not None:
+            duration_labels[attr.ERROR_TYPE] = error_type
+        self.instruments.db_duration.record(seconds, duration_labels)
         if rows >= 0:
             self.instruments.db_rows.record(rows, labels)
 
@@ -177,7 +192,6 @@ class SqlTelemetry:
         if span is not None and span.is_recording():
             span.update_name(name)
             span.set_attribute(attr.DB_QUERY_SUMMARY, name)
-            operation = operation_name(statement)
             if operation is not None:
                 span.set_attribute(attr.DB_OPERATION_NAME, operation)
             if rows >= 0:
