@@ -99,8 +99,14 @@ def _pool_gauges(name: str, engine: AsyncEngine, max_overflow: int) -> PoolGauge
     return PoolGauges(name=name, status=status)
 
 
-async def start_resources(settings: Settings, telemetry: Telemetry) -> Resources:
-    """Create engines, the Redis client, the cache and the invalidation listener."""
+async def start_resources(
+    settings: Settings,
+    telemetry: Telemetry,
+    *,
+    listener_type: type[InvalidationListener] = InvalidationListener,
+) -> Resources:
+    """Create engines, the Redis client, the cache and the invalidation listener (of
+    ``listener_type``: tests hand in one with their own hooks)."""
     engine = _engine(settings, settings.database_url)
     read_engine = engine
     if settings.read_database_url and settings.read_database_url != settings.database_url:
@@ -143,7 +149,7 @@ async def start_resources(settings: Settings, telemetry: Telemetry) -> Resources
     listener = None
     publisher = None
     if redis is not None:
-        listener = InvalidationListener(libpq_url(settings.session_database_url), cache)
+        listener = listener_type(libpq_url(settings.session_database_url), cache)
         cache.listener_healthy = False  # until the listener has connected
         listener.start()
         publisher = StatsPublisher(redis, telemetry)

@@ -34,6 +34,7 @@ from service.main import create_app
 from service.resources import Resources, start_resources, stop_resources
 from telemetry.setup import Telemetry, configure
 from tests.factories import small_dataset
+from tests.support import SettlingListener
 
 TABLES = (
     "audit_events",
@@ -254,7 +255,9 @@ class RunningApi:
         self.http: httpx.AsyncClient | None = None
 
     async def __aenter__(self) -> Api:
-        self.app.state.resources = await start_resources(self.settings, self.telemetry)
+        self.app.state.resources = await start_resources(
+            self.settings, self.telemetry, listener_type=SettlingListener
+        )
         resources = self.app.state.resources
         listener = resources.listener
         if listener is not None:

@@ -1,7 +1,9 @@
-"""Test helpers: a private Redis the test may kill and restart; a report-statement counter."""
+"""Test helpers: a private Redis the test may kill and restart; a report-statement counter; the
+invalidation listener with the tests' hooks (``settle``, ``drop_connection``)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -9,12 +11,17 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 import redis
 from sqlalchemy import event
+
+from service.cache.listener import CHANNEL, InvalidationListener
+from service.changes.consumer import wait_applied
 
 if TYPE_CHECKING:
     from tests.conftest import Api
@@ -107,3 +114,58 @@ class SqlCounter:
 
     def close(self) -> None:
         event.remove(self.engine, "before_cursor_execute", self._seen)
+
+
+class SettlingListener(InvalidationListener):
+    """The app's invalidation listener plus what tests need of it: ``settle`` (wait until every
+    write committed so far is folded and its invalidation handled here) and ``drop_connection``
+    (a network cut). ``RunningApi`` hands it to ``start_resources``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._markers: dict[str, asyncio.Event] = {}  # this process's settle markers
+        self._seen: list[tuple[int, asyncio.Event]] = []  # markers arrived, by announcement
+
+    async def drop_connection(self) -> None:
+        """Have the server terminate the listening connection (a network cut)."""
+        connection = self._connection
+        if connection is None:
+            return
+        pid = connection.info.backend_pid
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as admin:
+            await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+    async def settle(self, timeout: float = 5.0) -> None:
+        """Wait until every write committed before this call has been folded by the change
+        stream and its notification handled here.
+
+        The stream's consumer notifies when it commits a batch; then a marker goes down the
+        same channel: notifications arrive in order, so once the marker is seen, and what was
+        announced before it applied to Redis, everything before it was handled. (The listener
+        ignores a payload that names no salon, as the marker does.)
+        """
+        await wait_applied(self.dsn, timeout=max(timeout, 30.0))
+        marker = f"settle:{uuid.uuid4().hex}"
+        seen = asyncio.Event()
+        self._markers[marker] = seen
+        try:
+            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+                await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, marker))
+            await asyncio.wait_for(seen.wait(), timeout)
+        finally:
+            self._markers.pop(marker, None)
+
+    def _arrived(self, channel: str, payload: str) -> None:
+        marker = self._markers.get(payload) if channel == CHANNEL else None
+        if marker is not None:
+            # Seen once everything announced before it has been applied to Redis.
+            self._seen.append((self.cache.announced, marker))
+            return
+        super()._arrived(channel, payload)
+
+    async def _apply(self) -> None:
+        await super()._apply()
+        applied = self.cache.applied
+        for entry in [entry for entry in self._seen if entry[0] <= applied]:
+            self._seen.remove(entry)
+            entry[1].set()

@@ -51,7 +51,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.cache.keys import scope_tag
 from service.cache.store import ReportCache
-from service.changes.consumer import wait_applied
 from telemetry.background import start_untraced
 
 logger = logging.getLogger("service.cache.listener")
@@ -108,8 +107,6 @@ class InvalidationListener:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()  # something arrived, or the connection broke, or stop
         self._broken = False
-        self._markers: dict[str, asyncio.Event] = {}  # this process's settle markers
-        self._seen: list[tuple[int, asyncio.Event]] = []  # markers arrived, by announcement
         self.id = uuid.uuid4().hex
         self.invalidator = False  # this listener holds INVALIDATOR_LOCK
         self._hellos: dict[str, int] = {}  # listener id -> announcements before its hello
@@ -143,15 +140,6 @@ class InvalidationListener:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
         self.connected.clear()
-
-    async def drop_connection(self) -> None:
-        """Have the server terminate the listening connection (a network cut, for tests)."""
-        connection = self._connection
-        if connection is None:
-            return
-        pid = connection.info.backend_pid
-        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as admin:
-            await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
     async def _run(self) -> None:
         first = True
@@ -291,25 +279,6 @@ class InvalidationListener:
             return None
         return max(0.0, self._unsettled[0][1] + self.follow_wait - time.monotonic())
 
-    async def settle(self, timeout: float = 5.0) -> None:
-        """Wait until every write committed before this call has been folded by the change
-        stream and its notification handled here.
-
-        The stream's consumer notifies when it commits a batch; then a marker goes down the
-        same channel: notifications arrive in order, so once the marker is seen, everything
-        before it was handled. (Tests use it before counting.)
-        """
-        await wait_applied(self.dsn, timeout=max(timeout, 30.0))
-        marker = f"settle:{uuid.uuid4().hex}"
-        seen = asyncio.Event()
-        self._markers[marker] = seen
-        try:
-            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
-                await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, marker))
-            await asyncio.wait_for(seen.wait(), timeout)
-        finally:
-            self._markers.pop(marker, None)
-
     def _arrived(self, channel: str, payload: str) -> None:
         """One notification, as it comes off the socket (no awaiting here)."""
         if channel == CLEARED_CHANNEL:
@@ -318,14 +287,10 @@ class InvalidationListener:
         if payload.startswith((HELLO, ROUND_START, ROUND_DONE)):
             self._protocol(payload)
             return
-        marker = self._markers.get(payload)
-        if marker is not None:
-            # Seen once everything announced before it has been applied to Redis.
-            self._seen.append((self.cache.announced, marker))
-            return
-        if payload.startswith("settle:"):
-            return  # another process's marker
-        self.cache.announce(parse_payload(payload))
+        salon_ids = parse_payload(payload)
+        if salon_ids is not None and not salon_ids:
+            return  # names no salon: not a change (the stream always names its salons or '*')
+        self.cache.announce(salon_ids)
         self._unsettled.append((self.cache.announced, time.monotonic()))
 
     def _protocol(self, payload: str) -> None:
@@ -360,7 +325,7 @@ class InvalidationListener:
 
     async def _apply(self) -> None:
         """Invalidate in Redis what was announced (as the invalidator, or as a follower whose
-        changes the invalidator has not covered in time); then release the markers it covers."""
+        changes the invalidator has not covered in time)."""
         if self.cache.announced > self.cache.applied:
             try:
                 if self.invalidator:
@@ -381,10 +346,6 @@ class InvalidationListener:
                 await self._clear_when_possible()
                 if not (self._stopping.is_set() or self._broken):  # else the loop ends next
                     self.cache.listener_healthy = True
-        applied = self.cache.applied
-        for entry in [entry for entry in self._seen if entry[0] <= applied]:
-            self._seen.remove(entry)
-            entry[1].set()
 
     async def _try_lock_here(self) -> bool:
         row = await self._execute("SELECT pg_try_advisory_lock(%s, %s)", INVALIDATOR_LOCK)
