@@ -37,7 +37,7 @@ the invalidation listener is disconnected (notifications may be lost), requests 
 cache and are answered from PostgreSQL (``BYPASS``); if the database is unavailable too (the
 ``unavailable`` exceptions), the last valid entry is served ``STALE``.
 
-Somewhat over 400 lines: the request path of one lookup (local tier, trust, breaker, Redis,
+Over 400 lines: the request path of one lookup (local tier, trust, breaker, Redis,
 cross-process lock, wait, store, background refresh) reads best in one class; what could live
 apart does (keys, entry, breaker, local tier, single flight, scripts, invalidation).
 """
