@@ -89,9 +89,9 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.stats import RESULTS_DIR, machine, percentile, write_results
+from service.changes.batch import Batch
 from service.changes.consumer import ChangeConsumer, wait_applied
 from service.changes.rebuild import rebuild
-from service.changes.stream import Batch
 from service.changes.verify import verify
 from service.config import get_settings
 from service.db import libpq_url, migrate, with_database

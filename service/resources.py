@@ -17,8 +17,8 @@ from sqlalchemy.pool import QueuePool
 from service.auth import TokenVerifier
 from service.cache import CircuitBreaker, LocalTier, ReportCache
 from service.cache.listener import InvalidationListener
+from service.changes.batch import Batch
 from service.changes.consumer import ChangeConsumer, StreamMonitor, StreamStatus
-from service.changes.stream import Batch
 from service.config import Settings
 from service.db import async_engine, libpq_url
 from service.errors import DatabaseUnavailable

@@ -25,8 +25,10 @@ from typing import Any
 
 import psycopg
 
+from service.changes.batch import Batch
+from service.changes.position import ELECTION_LOCK, State, read_position
 from service.changes.rebuild import emit_marker, rebuild_on
-from service.changes.stream import ELECTION_LOCK, Batch, Folder, State, read_position
+from service.changes.stream import Folder
 from service.errors import APIError
 from telemetry.background import start_untraced, untraced
 from telemetry.metrics import StreamGauges

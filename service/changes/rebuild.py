@@ -24,14 +24,8 @@ from typing import Any
 import psycopg
 
 from service.changes import derived
-from service.changes.stream import (
-    INVALIDATION_CHANNEL,
-    MARKER_PREFIX,
-    PLUGIN,
-    ApplyLock,
-    lsn_bytes,
-    read_position,
-)
+from service.changes.position import INVALIDATION_CHANNEL, ApplyLock, lsn_bytes, read_position
+from service.changes.stream import MARKER_PREFIX, PLUGIN
 
 
 def slot_name_for(database: str) -> str:

@@ -15,7 +15,7 @@ replication protocol (``replication.py``). ``Folder.run`` is one streaming sessi
 3. Changes are gathered up to a transaction boundary (a batch closes when no message arrived
    for ``quiet`` seconds, when its first change waited ``max_delay`` seconds, or when it holds
    ``max_rows`` rows), then, in one transaction under the
-   apply lock: copied into the temporary table ``stream_changes``, folded into the derived
+   apply lock: copied into the temporary tables of ``batch.py``, folded into the derived
    tables (``derived.py``), the salons they touched notified (NOTIFY is delivered at commit, so
    a cache refilled after the notification reads derived data that already reflects the
    change), ``applied_lsn`` set to the end of the batch's last commit; commit.
@@ -33,25 +33,29 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import orjson
 import psycopg
 
 from service.changes import derived
+from service.changes.batch import CREATE_BATCH, DELTA_COLUMNS, FIRST_COLUMNS, Batch
+from service.changes.position import (
+    INVALIDATION_CHANNEL,
+    ApplyLock,
+    Position,
+    RebuildSkip,
+    State,
+    lost_error,
+    lsn_bytes,
+    mark_lost,
+    read_position,
+)
 from service.changes.replication import ReplicationError, ReplicationStream, format_lsn
 
 logger = logging.getLogger("service.changes")
 
-# Advisory lock keys (two-int form): ('S','R','C','E') elects the one consumer,
-# ('S','R','C','A') is held while a batch is applied or the tables are rebuilt.
-ELECTION_LOCK = (0x53524345, 0)
-APPLY_LOCK = (0x53524341, 0)
-
 PLUGIN = "wal2json"
-INVALIDATION_CHANNEL = "bookings_changed"
 # Non-transactional logical messages with this prefix make the consumer record its position
 # even when nothing else changed; ``wait_applied`` uses one as a marker.
 MARKER_PREFIX = "salon_reports.marker"
@@ -65,96 +69,6 @@ NOTIFY_PAYLOAD_LIMIT = 7000  # NOTIFY payloads stop at 8000 bytes: more salons m
 # (itself a transaction in the stream) would keep the stream busy.
 IDLE_ADVANCE_BYTES = 64 * 1024
 IDLE_ADVANCE_SECONDS = 5.0
-
-
-class State(StrEnum):
-    UNINITIALISED = "uninitialised"
-    CURRENT = "current"
-    LOST = "lost"
-
-
-@dataclass(frozen=True, slots=True)
-class Position:
-    state: State
-    reason: str | None
-    slot_name: str | None
-    applied_lsn: str | None
-    rebuild_snapshot: str | None
-    slot_exists: bool
-    confirmed_lsn: str | None
-    wal_status: str | None
-    # WAL positions as byte offsets, for comparisons
-    applied: int | None
-    confirmed: int | None
-
-    def loss(self) -> str | None:
-        """Why the changes since the position can no longer be read, or None."""
-        if self.state is not State.CURRENT:
-            return None
-        if not self.slot_exists:
-            return f"replication slot {self.slot_name} no longer exists"
-        if self.wal_status == "lost":
-            return (
-                f"replication slot {self.slot_name} was invalidated (max_slot_wal_keep_size):"
-                " the WAL it needed was removed"
-            )
-        if (
-            self.confirmed is not None
-            and self.applied is not None
-            and self.confirmed > self.applied
-        ):
-            return (
-                f"replication slot {self.slot_name} is ahead of the recorded position"
-                f" ({self.confirmed_lsn} > {self.applied_lsn}): the position was restored from"
-                " an older backup, or another reader consumed the slot"
-            )
-        return None
-
-
-@dataclass(slots=True)
-class Batch:
-    """Changes gathered up to a transaction boundary, then what folding them did.
-
-    Booking row versions are netted as they arrive. ``delta`` maps a version's relevant columns
-    (``DELTA_COLUMNS``) to +1 per new version and -1 per old one, summed over the batch: the
-    counters and visit days are sums over those versions, kept as pure deltas, so a version
-    added and removed in the same batch (a booking inserted and then confirmed) cancels out.
-
-    First bookings are not pure deltas: a key whose first booking may have gone is recomputed
-    from ``bookings`` as it is at fold time, which can already include later transactions. If
-    one of those later transactions removes what the recomputation saw, it must trigger another
-    recomputation when its batch comes, even if the same batch also added the version back.
-    So their versions (``FIRST_COLUMNS``) are netted only within each transaction, whose
-    intermediate states nobody can see, and kept per batch as two sets: ``added`` and
-    ``removed``.
-    """
-
-    delta: dict[tuple[Any, ...], int] = field(default_factory=dict)
-    added: set[tuple[Any, ...]] = field(default_factory=set)
-    removed: set[tuple[Any, ...]] = field(default_factory=set)
-    versions: int = 0  # booking row versions received (+1 and -1), before netting
-    end: int | None = None  # end of the last complete transaction's commit record
-    transactions: int = 0  # transactions with a relevant change
-    markers: int = 0  # position markers (``wait_applied``)
-    booking_xids: list[str] = field(default_factory=list)  # transactions that changed bookings
-    commits: list[str] = field(default_factory=list)  # commit times of ``transactions``
-    touched: set[str] = field(default_factory=set)  # salon ids whose reports may change
-    truncated: bool = False  # bookings truncated: the derived tables start from empty
-    truncate: bool = False  # any streamed table truncated: every salon is invalidated
-    started: float = 0.0  # monotonic time of the first change
-    lags: list[float] = field(default_factory=list)  # commit -> applied, per transaction
-    salons: str | None = None  # the NOTIFY payload sent, if any
-
-    @property
-    def empty(self) -> bool:
-        return not (self.transactions or self.markers)
-
-
-def lsn_bytes(lsn: str | None) -> int | None:
-    if lsn is None:
-        return None
-    high, _, low = lsn.partition("/")
-    return (int(high, 16) << 32) | int(low, 16)
 
 
 OPTIONS = {
@@ -180,40 +94,6 @@ def xid8(xid: str, snapshot: str) -> str:
     )
 
 
-# The booking columns the derived tables are computed from (``derived.py``).
-DELTA_COLUMNS = (
-    "salon_id",
-    "client_id",
-    "professional_id",
-    "service_id",
-    "scheduled_at",
-    "status",
-    "price_cents",
-)
-
-# The booking columns the first-booking tables depend on.
-FIRST_COLUMNS = ("salon_id", "client_id", "professional_id", "scheduled_at")
-
-CREATE_BATCH = f"""
-    CREATE TEMP TABLE IF NOT EXISTS {derived.FIRSTS_BATCH} (
-        salon_id bigint NOT NULL,
-        client_id bigint NOT NULL,
-        professional_id bigint NOT NULL,
-        scheduled_at timestamptz NOT NULL,
-        n smallint NOT NULL  -- +1 added, -1 removed
-    ) ON COMMIT DELETE ROWS;
-    CREATE TEMP TABLE IF NOT EXISTS {derived.BATCH} (
-        salon_id bigint NOT NULL,
-        client_id bigint NOT NULL,
-        professional_id bigint NOT NULL,
-        service_id bigint NOT NULL,
-        scheduled_at timestamptz NOT NULL,
-        status text NOT NULL,
-        price_cents integer NOT NULL,
-        n integer NOT NULL
-    ) ON COMMIT DELETE ROWS
-"""
-
 # Booking transactions of the batch that a fresh snapshot does not see yet. A commit record
 # reaches the WAL (and so the stream) an instant before the transaction leaves the proc array;
 # the first-booking recomputation must wait for that instant, or it could miss the change.
@@ -222,102 +102,6 @@ _NOT_YET_VISIBLE = f"""
     WHERE NOT pg_visible_in_snapshot({xid8("t.xid", "pg_current_snapshot()")},
                                      pg_current_snapshot())
 """
-
-READ_POSITION = """
-    SELECT p.state, p.reason, p.slot_name, p.applied_lsn::text, p.rebuild_snapshot::text,
-           s.slot_name IS NOT NULL, s.confirmed_flush_lsn::text, s.wal_status
-    FROM change_stream_position p
-    LEFT JOIN pg_replication_slots s
-        ON s.slot_name = p.slot_name AND s.database = current_database()
-"""
-
-
-async def read_position(connection: psycopg.AsyncConnection[Any]) -> Position:
-    row = await (await connection.execute(READ_POSITION)).fetchone()
-    if row is None:
-        raise RuntimeError("change_stream_position is empty: run `salon-reports migrate`")
-    state, reason, slot, applied, snapshot, exists, confirmed, wal_status = row
-    return Position(
-        State(state),
-        reason,
-        slot,
-        applied,
-        snapshot,
-        bool(exists),
-        confirmed,
-        wal_status,
-        lsn_bytes(applied),
-        lsn_bytes(confirmed),
-    )
-
-
-async def mark_lost(connection: psycopg.AsyncConnection[Any], reason: str) -> None:
-    """Stop presenting derived figures as current until ``rollups rebuild``."""
-    logger.error("change stream lost: %s; run `salon-reports rollups rebuild`", reason)
-    async with connection.transaction():
-        await connection.execute(
-            "UPDATE change_stream_position SET state = 'lost', reason = %s, changed_at = now()"
-            " WHERE state = 'current'",
-            (reason,),
-        )
-        await connection.execute("SELECT pg_notify(%s, '*')", (INVALIDATION_CHANNEL,))
-
-
-def _lost_error(message: str) -> bool:
-    """The server's words for a slot that cannot give the changes since the position."""
-    return any(
-        words in message
-        for words in ("does not exist", "has already been removed", "can no longer get changes")
-    )
-
-
-class RebuildSkip:
-    """The transactions a rebuild's snapshot already saw (``xmin:xmax:xip,...``)."""
-
-    def __init__(self, snapshot: str) -> None:
-        xmin, xmax, xip = snapshot.split(":")
-        self.xmin, self.xmax = int(xmin), int(xmax)
-        self.in_progress = {int(x) for x in xip.split(",") if x}
-
-    def saw(self, xid: int) -> bool:
-        """Whether the committed transaction ``xid`` (32-bit) was visible in the snapshot."""
-        full = (self.xmax >> 32 << 32) | xid
-        if full - self.xmax > 2**31:
-            full -= 2**32
-        elif self.xmax - full > 2**31:
-            full += 2**32
-        return full < self.xmin or (full < self.xmax and full not in self.in_progress)
-
-
-_layout: list[int] = []  # positions of DELTA_COLUMNS in a booking row's fields, as last seen
-
-
-def _booking_values(fields: list[dict[str, Any]]) -> tuple[Any, ...]:
-    """A booking version's ``DELTA_COLUMNS``. wal2json lists the fields in the table's column
-    order; their positions are found once and checked on every row (a migration may change
-    them), which costs less than a dict of every field per row."""
-    layout = _layout
-    if len(layout) != len(DELTA_COLUMNS) or any(
-        index >= len(fields) or fields[index]["name"] != column
-        for index, column in zip(layout, DELTA_COLUMNS, strict=True)
-    ):
-        names = [field["name"] for field in fields]
-        layout[:] = [names.index(column) for column in DELTA_COLUMNS]
-    return tuple(fields[index].get("value") for index in layout)
-
-
-class ApplyLock:
-    """The session advisory lock under which a batch is folded or the tables rebuilt."""
-
-    def __init__(self, connection: psycopg.AsyncConnection[Any]) -> None:
-        self.connection = connection
-
-    async def __aenter__(self) -> None:
-        await self.connection.execute("SELECT pg_advisory_lock(%s, %s)", APPLY_LOCK)
-
-    async def __aexit__(self, *exc: object) -> None:
-        if not self.connection.closed and not self.connection.broken:
-            await self.connection.execute("SELECT pg_advisory_unlock(%s, %s)", APPLY_LOCK)
 
 
 class Restart(Exception):
@@ -386,7 +170,7 @@ class Folder:
             ) as stream:
                 await self._stream(stream, stopping, skip, on_batch)
         except ReplicationError as error:
-            if _lost_error(str(error)):
+            if lost_error(str(error)):
                 async with ApplyLock(self.connection):
                     await mark_lost(self.connection, f"reading the slot failed: {error}")
             else:
@@ -469,32 +253,8 @@ class Folder:
                     batch.removed.clear()
                     firsts.clear()
                 continue
-            self._add(batch, firsts, relation, change)
+            batch.add(firsts, relation, change)
             bookings = bookings or relation == "bookings"
-
-    @staticmethod
-    def _add(
-        batch: Batch, firsts: dict[tuple[Any, ...], int], relation: str, change: dict[str, Any]
-    ) -> None:
-        """Net a row change's versions into the batch (``firsts``: into its transaction's);
-        note the salons it touches."""
-        salon_column = "id" if relation == "salons" else "salon_id"
-        for sign, key in ((1, "columns"), (-1, "identity")):
-            fields = change.get(key)
-            if fields is None:
-                continue
-            if relation != "bookings":
-                for field in fields:
-                    if field["name"] == salon_column and field.get("value") is not None:
-                        batch.touched.add(str(field["value"]))
-                continue
-            values = _booking_values(fields)
-            batch.touched.add(str(values[0]))
-            delta = batch.delta
-            delta[values] = delta.get(values, 0) + sign
-            first = (values[0], values[1], values[2], values[4])  # FIRST_COLUMNS
-            firsts[first] = firsts.get(first, 0) + sign
-            batch.versions += 1
 
     async def _close(
         self,

@@ -29,8 +29,9 @@ import psycopg
 import pytest
 
 from service.changes.consumer import wait_applied
+from service.changes.position import APPLY_LOCK, Position, State, read_position
 from service.changes.rebuild import emit_marker, rebuild, rebuild_on
-from service.changes.stream import APPLY_LOCK, Folder, Position, State, read_position
+from service.changes.stream import Folder
 from service.changes.verify import verify
 from service.config import Settings
 from tests.conftest import (
