@@ -70,6 +70,7 @@ bench: install services
 loadtest: install services
 	@scripts/load-tools.sh
 	$(BIN)/python -m benchmarks.load
+	$(BIN)/python -m benchmarks.noisy
 
 # Faults under load (tests/chaos): Redis killed and slowed, PostgreSQL restarted, the pool run
 # dry, SIGTERM, then nothing lost or leaked; figures in benchmarks/results/chaos-latest.json.

@@ -93,11 +93,41 @@ class Settings(BaseSettings):
     # ahead of their expiry (0: neither).
     cache_refresh_recent: float = Field(120.0, alias="REPORTS_CACHE_REFRESH_RECENT", ge=0)
     jaeger_url: str = Field("http://localhost:16686", alias="REPORTS_JAEGER_URL")
+    # Fair share between tenants (service/fairness.py); None: derived from the pool size.
+    tenant_max_concurrent: int | None = Field(None, alias="REPORTS_TENANT_MAX_CONCURRENT", ge=1)
+    tenant_queue: int | None = Field(None, alias="REPORTS_TENANT_QUEUE", ge=0)
+    tenant_queue_timeout: float = Field(1.0, alias="REPORTS_TENANT_QUEUE_TIMEOUT", gt=0, le=60)
+    admin_max_concurrent: int | None = Field(None, alias="REPORTS_ADMIN_MAX_CONCURRENT", ge=1)
 
     @property
     def session_database_url(self) -> str:
         """Where connections that need a server session of their own go."""
         return self.direct_database_url or self.database_url
+
+    @property
+    def tenant_limit(self) -> int:
+        """Report computations one tenant may run at once, across every worker: a quarter of
+        one worker's connections (rounded up) unless set."""
+        if self.tenant_max_concurrent is not None:
+            return self.tenant_max_concurrent
+        return max(1, -(-(self.pool_size + self.pool_max_overflow) // 4))
+
+    @property
+    def admin_limit(self) -> int | None:
+        """The admin class's share (the back office and platform-wide reports): none unless
+        set; its computations still take connection turns round-robin with the salons'."""
+        return self.admin_max_concurrent
+
+    @property
+    def tenant_queue_length(self) -> int:
+        """Computations of one tenant that may wait in a worker beyond its running ones."""
+        return self.tenant_queue if self.tenant_queue is not None else 2 * self.tenant_limit
+
+    @property
+    def tenant_lease_seconds(self) -> float:
+        """How long a shared tenant slot outlives a worker that crashed holding it: longer
+        than a computation may take (connection wait plus statement timeout)."""
+        return self.statement_timeout_ms / 1000 + self.pool_timeout + 5.0
 
     def cache_ttl(self, report: str) -> int:
         """Seconds a cached report stays fresh (``report``: one of ``CACHED_REPORTS``)."""

@@ -85,6 +85,9 @@ ERROR_DESCRIPTIONS = {
     413: "The body is too large",
     415: "The body is not JSON",
     422: "Invalid parameters (or a parameter given twice)",
+    429: "This salon is over its share of report computations (its queue is full or its turn "
+    "did not come in time): `tenant_throttled`; retry after the Retry-After header. Cached "
+    "reports are still served",
     503: "Database unavailable (retry after the Retry-After header)",
 }
 
@@ -92,9 +95,21 @@ ERROR_DESCRIPTIONS = {
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` declaring the JSON error body for each of ``statuses``."""
     return {
-        status: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[status]}
+        status: {
+            "model": ErrorBody,
+            "description": ERROR_DESCRIPTIONS[status],
+            **({"headers": RETRY_AFTER} if status == 429 else {}),
+        }
         for status in statuses
     }
+
+
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
 
 
 def error_response(

@@ -15,6 +15,7 @@ from service.deps import OperatorDep, ResourcesDep
 from service.paths import STATS_PATH
 from service.statements import top_statements
 from service.workers import METRICS_KEY, Combined, local_snapshot, other_workers
+from telemetry.fairness import merge_fairness
 from telemetry.stats import StatsAggregator, merge_snapshots, render
 
 router = APIRouter(tags=["operations"])
@@ -22,8 +23,8 @@ router = APIRouter(tags=["operations"])
 
 @router.get(STATS_PATH)
 async def performance_stats(_: OperatorDep, resources: ResourcesDep) -> Response:
-    """Requests, queries, cache, pool, memory, slow queries, N+1, breached thresholds, and the
-    database's top statements (pg_stat_statements)."""
+    """Requests, queries, cache, pool, memory, slow queries, N+1, breached thresholds, the
+    tenants' fair share and the database's top statements (pg_stat_statements)."""
     telemetry = resources.telemetry
     snapshots = [local_snapshot(telemetry)]
     partial = False
@@ -41,6 +42,10 @@ async def performance_stats(_: OperatorDep, resources: ResourcesDep) -> Response
     stats: StatsAggregator = telemetry.stats
     body = render(merge_snapshots(snapshots, partial=partial), stats.thresholds)
     body["statements"] = await top_statements(resources.engine)
+    # The fair share between tenants (service/fairness.py): which salons wait or were
+    # throttled, by id — this endpoint is for admins and ops only.
+    body["fairness"] = merge_fairness([snapshot.get("fairness") for snapshot in snapshots])
+    body["alerts"].append(body["fairness"]["alert"])
     return Response(
         orjson.dumps(body), media_type="application/json", headers={"Cache-Control": "no-store"}
     )

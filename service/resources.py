@@ -22,6 +22,7 @@ from service.changes.consumer import ChangeConsumer, StreamMonitor, StreamStatus
 from service.config import Settings
 from service.db import async_engine, libpq_url
 from service.errors import DatabaseUnavailable
+from service.fairness import FairScheduler, TenantLeases
 from service.reports.names import CACHED_REPORTS
 from service.reports.service import ReportService
 from service.schema_version import expected_revisions
@@ -132,19 +133,32 @@ async def start_resources(
         RedisInstrumentor.instrument_client(
             redis, tracer_provider=telemetry.tracer_provider, response_hook=complete_redis_span
         )
+    breaker = CircuitBreaker(
+        threshold=settings.redis_breaker_threshold, cooldown=settings.redis_breaker_cooldown
+    )
     cache = ReportCache(
         redis,
         reports=CACHED_REPORTS,
         unavailable=(DatabaseUnavailable,),
         stale_grace=settings.cache_stale_grace,
         lock_lease=settings.cache_lock_lease,
-        breaker=CircuitBreaker(
-            threshold=settings.redis_breaker_threshold,
-            cooldown=settings.redis_breaker_cooldown,
-        ),
+        breaker=breaker,
         tracer=telemetry.tracer,
         local=LocalTier(settings.cache_local_entries, settings.cache_local_max_age),
         refresh_recent=settings.cache_refresh_recent,
+    )
+    # The fair share between tenants, its limit shared through the same Redis (and its
+    # circuit breaker: one Redis, one opinion of its health).
+    fairness = FairScheduler(
+        capacity=settings.pool_size + settings.pool_max_overflow,
+        per_tenant=settings.tenant_limit,
+        queue=settings.tenant_queue_length,
+        queue_timeout=settings.tenant_queue_timeout,
+        admin_limit=settings.admin_limit,
+        leases=None
+        if redis is None
+        else TenantLeases(redis, breaker, settings.tenant_lease_seconds),
+        counts=telemetry.instruments.fairness,
     )
     listener = None
     publisher = None
@@ -179,6 +193,7 @@ async def start_resources(
             stats=telemetry.stats,
             stream=stream,
             primary=None if read_engine is engine else engine,
+            fairness=fairness,
         ),
         listener=listener,
         telemetry=telemetry,

@@ -42,9 +42,11 @@ def local_snapshot(telemetry: Telemetry) -> dict[str, Any]:
         pool["timeouts"] += status.timeouts
     memory = {"rss_bytes": rss_bytes(), "limit_bytes": memory_limit_bytes()}
     stream = telemetry.instruments.stream
-    return telemetry.stats.snapshot(
+    snapshot = telemetry.stats.snapshot(
         pool=pool, memory=memory, change_stream=None if stream is None else stream.as_dict()
     )
+    snapshot["fairness"] = telemetry.instruments.fairness.snapshot()
+    return snapshot
 
 
 class StatsPublisher:

@@ -3,7 +3,8 @@
 Emits: ``http.server.request.duration``, ``db.client.operation.duration``,
 ``db.client.response.returned_rows``, ``db.client.connection.count`` / ``.max`` /
 ``.pending_requests`` / ``.timeouts``, ``reports.cache.requests``, ``process.memory.usage``,
-``reports.memory.limit``, ``reports.freshness.lag`` and the change stream's
+``reports.memory.limit``, ``reports.freshness.lag``, the fair share's ``reports.fairness.*``
+(``telemetry/fairness.py``) and the change stream's
 ``reports.change_stream.backlog`` / ``.retained_wal`` / ``.lost`` / ``.consumer``.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from telemetry import attributes as attr
+from telemetry.fairness import FairnessCounts, register_fairness
 
 DURATION_BUCKETS_SECONDS = (
     0.001,
@@ -114,9 +116,11 @@ class Instruments:
     meter: Meter
     pools: list[PoolGauges] = field(default_factory=list)
     stream: StreamGauges | None = None
+    fairness: FairnessCounts = field(default_factory=FairnessCounts)
 
     def __post_init__(self) -> None:
         meter = self.meter
+        register_fairness(meter, self.fairness)
         self.request_duration = meter.create_histogram(
             "http.server.request.duration",
             unit="s",

@@ -140,23 +140,40 @@ class ReportCache:
 
     # -- the request path ---------------------------------------------------------------
 
-    async def fetch(self, key: CacheKey, ttl: float, compute: Compute) -> Outcome:
-        """Serve ``key`` from the cache, or compute it once and store it."""
+    async def fetch(
+        self,
+        key: CacheKey,
+        ttl: float,
+        compute: Compute,
+        before_fill: Callable[[], None] | None = None,
+    ) -> Outcome:
+        """Serve ``key`` from the cache, or compute it once and store it.
+
+        ``before_fill`` is called on a miss that would start a computation here, before the
+        cross-process lock is taken; it may raise to refuse the request at once (a tenant over
+        its fair share, ``service.fairness``), at the cost of one Redis lookup.
+        """
         parent = trace.get_current_span().get_span_context()
         if parent.is_valid and not parent.trace_flags.sampled:
             # An unsampled request: its child spans would be dropped anyway (parent-based
             # sampling), so none is made; most of the cost of tracing a hit is span objects.
-            return await self._fetch(key, ttl, compute)
+            return await self._fetch(key, ttl, compute, before_fill)
         with self.tracer.start_as_current_span(
             "cache.get", attributes={attr.REPORT_NAME: key.report, attr.CACHE_OPERATION: "get"}
         ) as span:
-            outcome = await self._fetch(key, ttl, compute)
+            outcome = await self._fetch(key, ttl, compute, before_fill)
             if span.is_recording():
                 span.set_attribute(attr.CACHE_RESULT, outcome.result.value)
                 span.set_attribute(attr.CACHE_HIT, outcome.result in SERVED_FROM_CACHE)
             return outcome
 
-    async def _fetch(self, key: CacheKey, ttl: float, compute: Compute) -> Outcome:
+    async def _fetch(
+        self,
+        key: CacheKey,
+        ttl: float,
+        compute: Compute,
+        before_fill: Callable[[], None] | None = None,
+    ) -> Outcome:
         started = time.perf_counter()
         trusted = self.redis is not None and self.listener_healthy
         if trusted and self.refresh_recent > 0:
@@ -200,6 +217,8 @@ class ReportCache:
                 self.local.put(key, filled.entry, generation)
             return filled
 
+        if before_fill is not None and not self._flights.running(key):
+            before_fill()
         outcome = await self._flights.run(key, fill)
         outcome.cache_ms += cache_ms
         return outcome

@@ -35,7 +35,7 @@ from service.reports.service import decode_cursor
 
 router = APIRouter(prefix=API_PREFIX, tags=["reports"])
 
-ERRORS = error_responses(400, 401, 403, 404, 414, 422, 503)
+ERRORS = error_responses(400, 401, 403, 404, 414, 422, 429, 503)
 
 
 @router.get(
@@ -100,7 +100,7 @@ async def realtime(request: Request) -> Response:
     """Today's bookings by status and revenue so far (salon-local day); never cached."""
     started = time.perf_counter()
     call = await authorised(request, ReportName.REALTIME, SalonQuery)
-    outcome = await call.reports.realtime(call.scope)
+    outcome = await call.reports.realtime(call.principal, call.scope)
     return report_response(request, outcome, started, cacheable=False)
 
 

@@ -8,7 +8,6 @@ bytes stored in the cache are the bytes served.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import logging
@@ -30,6 +29,7 @@ from service.cache.listener import broadcast_clear
 from service.changes.consumer import StreamStatus
 from service.config import Settings
 from service.errors import APIError, database_error
+from service.fairness import LOOKUP_LANE, FairScheduler, Tenant
 from service.reports import queries, replica
 from service.reports.names import ReportName
 from service.reports.params import (
@@ -88,6 +88,7 @@ class ReportService:
         stats: StatsAggregator | None = None,
         stream: StreamStatus | None = None,
         primary: AsyncEngine | None = None,
+        fairness: FairScheduler | None = None,
     ) -> None:
         self.engine = engine
         # With a replica (``engine``), the primary: its stream position gates replica reads,
@@ -106,32 +107,35 @@ class ReportService:
         self._timezones: dict[int, tuple[str, float]] = {}
         self._timezone_changes: dict[int | None, int] = {}  # salon (None: all) -> changes seen
         cache.on_announce(self._forget_timezones)
-        # Requests queue for a connection here, first come first served, rather than in the
-        # pool, whose waiters are woken in no particular order: under a burst of misses the
-        # pool let some requests wait past the timeout while later ones went through.
-        self._turns = asyncio.Semaphore(settings.pool_size + settings.pool_max_overflow)
+        # Requests queue for a connection here rather than in the pool, whose waiters are woken
+        # in no particular order (under a burst of misses the pool let some requests wait past
+        # the timeout while later ones went through): round-robin between tenants, first come
+        # first served within one, each tenant within its share (service/fairness.py).
+        self.fairness = fairness or FairScheduler(
+            capacity=settings.pool_size + settings.pool_max_overflow,
+            per_tenant=settings.tenant_limit,
+            queue=settings.tenant_queue_length,
+            queue_timeout=settings.tenant_queue_timeout,
+            admin_limit=settings.admin_limit,
+        )
 
     @asynccontextmanager
     async def _connection(
-        self, engine: AsyncEngine | None = None
+        self, engine: AsyncEngine | None = None, lane: str = LOOKUP_LANE
     ) -> AsyncIterator[AsyncConnection]:
-        """A read connection (from ``engine``, by default the read engine); database failures
-        become a 503 the client can retry."""
+        """A read connection (from ``engine``, by default the read engine) at ``lane``'s turn
+        (``service.fairness``); database failures become a 503 the client can retry."""
         pool = self.pool
         pool.waiting += 1
         waiting = True
         try:
-            try:
-                await asyncio.wait_for(self._turns.acquire(), self.settings.pool_timeout)
-            except TimeoutError:
-                raise PoolTimeoutError("no connection became free in time") from None
-            try:
-                async with (engine or self.engine).connect() as connection:
-                    pool.waiting -= 1
-                    waiting = False
-                    yield connection
-            finally:
-                self._turns.release()
+            async with (
+                self.fairness.turn(lane, self.settings.pool_timeout),
+                (engine or self.engine).connect() as connection,
+            ):
+                pool.waiting -= 1
+                waiting = False
+                yield connection
         except PoolTimeoutError as error:
             pool.timeouts += 1
             if self.stats is not None:
@@ -143,16 +147,26 @@ class ReportService:
             if waiting:
                 pool.waiting -= 1
 
-    async def _read(self, run: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    async def _read(
+        self, run: Callable[[AsyncConnection], Awaitable[T]], tenant: Tenant | None = None
+    ) -> T:
         """Run ``run`` where its answer may be cached: on the replica only when it has replayed
-        every fold committed before the read began, else on the primary (see ``replica``)."""
+        every fold committed before the read began, else on the primary (see ``replica``).
+        A report computation names its ``tenant``: it runs within the tenant's fair share (429
+        when the tenant is over it)."""
+        if tenant is None:
+            return await self._read_at(run, LOOKUP_LANE)
+        async with self.fairness.computation(tenant):
+            return await self._read_at(run, tenant.key)
+
+    async def _read_at(self, run: Callable[[AsyncConnection], Awaitable[T]], lane: str) -> T:
         if self.primary is None:
-            async with self._connection() as connection:
+            async with self._connection(lane=lane) as connection:
                 return await run(connection)
-        async with self._connection(self.primary) as connection:
+        async with self._connection(self.primary, lane) as connection:
             mark = await replica.watermark(connection)
         try:
-            async with self._connection() as connection:
+            async with self._connection(lane=lane) as connection:
                 await connection.execution_options(isolation_level="REPEATABLE READ")
                 if await replica.caught_up(connection, mark):
                     if self.before_replica_query is not None:
@@ -166,7 +180,7 @@ class ReportService:
                 raise
             logger.warning("a report query gave way to the replica's replay; asking the primary")
             self.replica_reads.primary_conflict += 1
-        async with self._connection(self.primary) as connection:
+        async with self._connection(self.primary, lane) as connection:
             return await run(connection)
 
     async def resolve_scope(self, salon_id: int | None) -> Scope:
@@ -222,6 +236,7 @@ class ReportService:
         # the zone changed must not store its answer where requests after the change look.
         params = {**params, "timezone": scope.timezone}
         key = build_key(report, scope.salon_id, principal.scope_key, params)
+        tenant = Tenant.of(principal, scope.salon_id)
 
         async def current() -> bytes:
             # Checked again when it runs: the cache may run it later (a recomputation after
@@ -229,7 +244,12 @@ class ReportService:
             self.stream.require_current()
             return await compute()
 
-        return await self.cache.fetch(key, self.settings.cache_ttl(report), current)
+        return await self.cache.fetch(
+            key,
+            self.settings.cache_ttl(report),
+            current,
+            before_fill=lambda: self.fairness.refuse_if_full(tenant),
+        )
 
     @staticmethod
     def _meta(scope: Scope, period: Period) -> ReportMeta:
@@ -238,9 +258,11 @@ class ReportService:
         )
 
     async def dashboard(self, principal: Principal, scope: Scope, period: Period) -> Outcome:
+        tenant = Tenant.of(principal, scope.salon_id)
+
         async def compute() -> bytes:
             data = await self._read(
-                lambda connection: queries.dashboard_metrics(connection, scope, period)
+                lambda connection: queries.dashboard_metrics(connection, scope, period), tenant
             )
             return _serialise(DashboardReport(meta=self._meta(scope, period), **data))
 
@@ -255,11 +277,14 @@ class ReportService:
         granularity: Granularity,
         filters: BookingFilters,
     ) -> Outcome:
+        tenant = Tenant.of(principal, scope.salon_id)
+
         async def compute() -> bytes:
             data = await self._read(
                 lambda connection: queries.booking_metrics(
                     connection, scope, period, granularity, filters
-                )
+                ),
+                tenant,
             )
             return _serialise(BookingsReport(meta=self._meta(scope, period), **data))
 
@@ -281,11 +306,14 @@ class ReportService:
         limit: int,
         after_id: int | None,
     ) -> Outcome:
+        tenant = Tenant.of(principal, scope.salon_id)
+
         async def compute() -> bytes:
             page = await self._read(
                 lambda connection: queries.professional_performance(
                     connection, scope, period, limit=limit, after_id=after_id
-                )
+                ),
+                tenant,
             )
             next_after = page["next_after_id"]
             report = ProfessionalsReport(
@@ -303,11 +331,15 @@ class ReportService:
         }
         return await self._cached(ReportName.PROFESSIONALS, principal, scope, params, compute)
 
-    async def realtime(self, scope: Scope) -> Outcome:
+    async def realtime(self, principal: Principal, scope: Scope) -> Outcome:
         """Never cached: today's figures straight from the database."""
         started = time.perf_counter()
         today = self.today(scope)
-        async with self._connection() as connection:
+        tenant = Tenant.of(principal, scope.salon_id)
+        async with (
+            self.fairness.computation(tenant),
+            self._connection(lane=tenant.key) as connection,
+        ):
             data = await queries.realtime_metrics(connection, scope, today)
         body = _serialise(
             RealtimeReport(

@@ -97,6 +97,19 @@
     "statements.top_by_total_time[].rows",
     "statements.top_by_total_time[].shared_blocks_hit",
     "statements.top_by_total_time[].shared_blocks_read",
+    "fairness.settings.max_concurrent_per_tenant",
+    "fairness.settings.queue_per_tenant",
+    "fairness.since_start.throttled.*",
+    "fairness.now.waiting.*",
+    "fairness.tenants[].tenant",
+    "fairness.tenants[].class",
+    "fairness.tenants[].salon_id",
+    "fairness.tenants[].running",
+    "fairness.tenants[].waiting",
+    "fairness.tenants[].admitted_last_5m",
+    "fairness.tenants[].queued_last_5m",
+    "fairness.tenants[].throttled_last_5m",
+    "fairness.tenants[].last_throttled_at",
     "alerts[].name",
     "alerts[].breached",
     "alerts[].value",
@@ -529,7 +542,7 @@
   function fillTable(id, items, cells, none) {
     const body = document.querySelector(`#${id} tbody`);
     if (items.length === 0) {
-      body.replaceChildren(el("tr", {}, el("td", { colspan: "7", class: "empty" }, none)));
+      body.replaceChildren(el("tr", {}, el("td", { colspan: "8", class: "empty" }, none)));
       return;
     }
     body.replaceChildren(...items.map((item) => el("tr", {}, ...cells(item))));
@@ -558,6 +571,31 @@
       workerCell(d.worker),
       traceCell(d.trace_id),
     ], "No N+1 pattern detected.");
+    drawTenants(stats);
+  }
+
+  /** Which salons wait for, or were refused, their share of the database (service/fairness.py). */
+  function drawTenants(stats) {
+    const fairness = stats.fairness;
+    const total = (counts) => Object.keys(counts).reduce((sum, name) => sum + counts[name], 0);
+    const limits = fairness.settings;
+    document.getElementById("tenant-counts").textContent =
+      `${total(fairness.now.waiting)} waiting now · ${total(fairness.since_start.throttled)} throttled since start · ` +
+      `share ${limits.max_concurrent_per_tenant} running + ${limits.queue_per_tenant} queued per tenant`;
+    const rows = fairness.tenants.slice(0, TABLE_ROWS);
+    fillTable("table-tenants", rows, (t) => {
+      const who = t.salon_id === null ? t.tenant : `salon ${t.salon_id}`;
+      return [
+        el("td", { class: t.waiting > 0 || t.throttled_last_5m > 0 ? "mono hot" : "mono" }, who),
+        el("td", {}, t.class),
+        el("td", { class: "num" }, String(t.running)),
+        el("td", { class: "num" }, String(t.waiting)),
+        el("td", { class: "num" }, String(t.admitted_last_5m)),
+        el("td", { class: "num" }, String(t.queued_last_5m)),
+        el("td", { class: "num" }, String(t.throttled_last_5m)),
+        el("td", {}, t.last_throttled_at ? clock(t.last_throttled_at) : "–"),
+      ];
+    }, "No report computed in the last 5 minutes.");
   }
 
   function drawStatements(stats) {
@@ -595,6 +633,8 @@
         return `Memory at ${pct(alert.value)} of its limit, over ${pct(alert.threshold)}`;
       case "freshness":
         return `Reports are behind their writes: ${alert.detail}`;
+      case "tenant_throttling":
+        return `Tenants throttled: ${alert.value} ${alert.detail}, over ${alert.threshold} (see the tenants table)`;
       default:
         return `${alert.name} breached${alert.detail ? `: ${alert.detail}` : ""}`;
     }

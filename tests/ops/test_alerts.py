@@ -38,6 +38,7 @@ REQUIRED_ALERTS = {
     "SalonReportsReplicationSlotWalRetention",  # slot WAL retention > 1 GiB
     "SalonReportsChangeStreamLost",  # reports answer 503 until `rollups rebuild`
     "SalonReportsNoChangeConsumer",
+    "SalonReportsTenantThrottled",  # one tenant over its share for long (issue 19)
     "SalonReportsErrorBudgetBurn",  # an SLO's budget: 14.4x over 1h & 5m, 6x over 6h & 30m
     "SalonReportsErrorBudgetBurnSlow",  # 1x over 3d & 6h (a ticket)
 }
