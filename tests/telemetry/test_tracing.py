@@ -206,7 +206,14 @@ async def test_stats_count_every_request_even_when_nothing_is_sampled(
     assert stats["workers"] == 1
     assert stats["partial"] is False
     names = {alert["name"] for alert in stats["alerts"]}
-    assert names == {"query_p95", "cache_hit_rate", "pool_exhaustion", "memory", "freshness"}
+    assert names == {
+        "query_p95",
+        "cache_hit_rate",
+        "pool_exhaustion",
+        "memory",
+        "freshness",
+        "tenant_throttling",
+    }
     assert stats["memory"]["rss_bytes"] > 0
     assert stats["pool"]["size"] >= 1
 
