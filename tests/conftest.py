@@ -259,13 +259,20 @@ class RunningApi:
             self.settings, self.telemetry, listener_type=SettlingListener
         )
         resources = self.app.state.resources
-        listener = resources.listener
-        if listener is not None:
-            await asyncio.wait_for(listener.connected.wait(), 10)
-        # Reports answer 503 until the stream is current (a fresh database is initialised by
-        # the first consumer).
-        await wait_applied(libpq_url(self.settings.database_url))
-        await resources.stream_monitor.poll()
+        try:
+            listener = resources.listener
+            if listener is not None:
+                await asyncio.wait_for(listener.connected.wait(), 10)
+            # Reports answer 503 until the stream is current (a fresh database is initialised
+            # by the first consumer).
+            await wait_applied(libpq_url(self.settings.database_url))
+            await resources.stream_monitor.poll()
+        except BaseException:
+            # No __aexit__ follows a failed __aenter__: a publisher left running would go on
+            # writing its stats into the Redis database of the tests that come after.
+            await stop_resources(resources)
+            self.telemetry.shutdown()
+            raise
         self.http = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False),
             base_url="http://testserver",
