@@ -20,6 +20,12 @@ both workers, PostgreSQL and Redis) at each concurrency (100 and 500 connections
   also replayed against the cache's rules (TTLs, stale grace) at the measured rate, 100 and
   1000 req/s for a simulated steady-state rate.
 
+Then the hit rate under writes (``--hit-rate-minutes``, 5; ``--hit-rate-only`` runs nothing
+else): the Zipf mix from an empty cache while ``BookingWriter`` makes ``--writes-per-minute``
+(30) booking writes to salons drawn uniformly or, ``--write-salons zipf``, with the reads'
+popularity; the hit rate of telemetry/README.md per minute from ``/performance/stats``, beside
+the ceiling that each key's first request sets.
+
 Four servers run side by side, each ``--workers`` workers: tracing on with
 ``OTEL_TRACES_SAMPLER=parentbased_traceidratio`` at each ``--samplers`` ratio (1.0 and 0.1);
 ``OTEL_TRACES_SAMPLER=always_off`` (metrics on, no span recorded: the spans' own cost is
