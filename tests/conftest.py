@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-import redis
 from fastapi import FastAPI
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -34,7 +33,7 @@ from service.main import create_app
 from service.resources import Resources, start_resources, stop_resources
 from telemetry.setup import Telemetry, configure
 from tests.factories import small_dataset
-from tests.support import SettlingListener
+from tests.support import SettlingListener, cluster_url, redis_client
 
 TABLES = (
     "audit_events",
@@ -163,6 +162,9 @@ def db(clean_db: str) -> Iterator[psycopg.Connection]:
 def redis_test_url(base_settings: Settings) -> str:
     if not base_settings.redis_url:
         pytest.fail("REDIS_URL is not configured; run `make services`")
+    cluster = cluster_url()
+    if cluster is not None:
+        return cluster
     base = base_settings.redis_url.rsplit("/", 1)[0]
     # Databases 1-14 (15 is the load test's): stable per worker name, or pinned by
     # SR_TEST_REDIS_DB when several pytest sessions share one Redis.
@@ -173,7 +175,7 @@ def redis_test_url(base_settings: Settings) -> str:
 @pytest.fixture
 def redis_url(redis_test_url: str) -> str:
     """An empty Redis database for this test."""
-    client = redis.Redis.from_url(redis_test_url)
+    client = redis_client(redis_test_url)
     client.flushdb()
     client.close()
     return redis_test_url
@@ -230,6 +232,7 @@ def app_settings(base: Settings, database_url: str, redis_url: str, **overrides:
             # they read before it; the tests of that recomputation (and the randomized
             # contract test) turn it on.
             "cache_refresh_recent": 0.0,
+            "redis_cluster": bool(redis_url) and redis_url == cluster_url(),
             **overrides,
         }
     )

@@ -27,6 +27,29 @@ if TYPE_CHECKING:
     from tests.conftest import Api
 
 
+def cluster_url() -> str | None:
+    """The test Redis Cluster's URL, when the run asks for it (``SR_TEST_REDIS_CLUSTER=1``:
+    the cache tests then use the cluster instead of a database of the single Redis)."""
+    if os.environ.get("SR_TEST_REDIS_CLUSTER") != "1":
+        return None
+    from dotenv import dotenv_values
+
+    url = os.environ.get("REDIS_CLUSTER_URL") or dotenv_values(".env").get("REDIS_CLUSTER_URL")
+    if not url:
+        raise RuntimeError("SR_TEST_REDIS_CLUSTER=1 but no cluster: make services REDIS_CLUSTER=1")
+    return url
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A client of the Redis at ``url``: the cluster client for the test cluster (typed as a
+    plain client: the tests call the commands both have)."""
+    if url == cluster_url():
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(url)  # type: ignore[return-value]
+    return redis.Redis.from_url(url)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -10,13 +10,12 @@ from typing import Any
 
 import psycopg
 import pytest
-import redis
 
 from service.cache import NAMESPACE
 from service.config import Settings
 from tests.conftest import Api, RunningApi, app_settings
 from tests.factories import add_booking, add_professional, small_dataset
-from tests.support import SqlCounter, redis_process
+from tests.support import SqlCounter, redis_client, redis_process
 
 PREFIX = "/api/v1/optimized-reports"
 
@@ -31,7 +30,7 @@ async def data(db: psycopg.Connection, request: pytest.FixtureRequest) -> dict[s
 
 
 def entry_keys(url: str) -> list[str]:
-    client = redis.Redis.from_url(url)
+    client = redis_client(url)
     try:
         names = [name.decode() for name in client.scan_iter(match=f"{NAMESPACE}:*", count=500)]
     finally:
@@ -64,7 +63,7 @@ async def test_miss_then_hit_with_the_ttl_set(
     assert first.content == second.content
     assert sql.count == 1
     [key] = entry_keys(api.settings.redis_url)
-    ttl = redis.Redis.from_url(api.settings.redis_url).ttl(key)
+    ttl = redis_client(api.settings.redis_url).ttl(key)
     expected = api.settings.cache_ttl_dashboard + api.settings.cache_stale_grace
     assert expected - 5 <= ttl <= expected
     max_age = int(second.headers["cache-control"].split("max-age=")[1])
@@ -79,7 +78,7 @@ async def test_each_report_uses_its_own_ttl(api: Api, data: dict[str, int], repo
     await api.report(report, salon_id=data["lisbon"])
     [key] = entry_keys(api.settings.redis_url)
     assert f":{report}:" in key
-    ttl = redis.Redis.from_url(api.settings.redis_url).ttl(key)
+    ttl = redis_client(api.settings.redis_url).ttl(key)
     expected = api.settings.cache_ttl(report) + api.settings.cache_stale_grace
     assert expected - 5 <= ttl <= expected
 
@@ -277,7 +276,7 @@ async def test_a_crashed_lock_holder_blocks_no_longer_than_its_lease(
     async with RunningApi(settings) as api:
         await api.report("dashboard", salon_id=data["lisbon"])
         [key] = entry_keys(redis_url)
-        client = redis.Redis.from_url(redis_url)
+        client = redis_client(redis_url)
         client.delete(key)
         client.set(f"{key}:lock", "crashed-holder", px=1000)  # a holder that will never finish
         started = time.monotonic()
@@ -493,7 +492,7 @@ async def test_the_local_tier_serves_without_redis_round_trips(
 ) -> None:
     salon = data["lisbon"]
     await api.report("dashboard", salon_id=salon)
-    client = redis.Redis.from_url(api.settings.redis_url)
+    client = redis_client(api.settings.redis_url)
     before = int(client.info("stats")["total_commands_processed"])
     for _ in range(20):
         assert (await api.report("dashboard", salon_id=salon)).headers["x-cache"] == "HIT"

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import httpx
 import psycopg
 import pytest
-import redis
 import uvicorn
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.id_generator import IdGenerator
@@ -28,7 +27,7 @@ from service.main import create_app
 from telemetry.setup import configure
 from tests.conftest import TABLES, app_settings
 from tests.factories import small_dataset
-from tests.support import free_port
+from tests.support import free_port, redis_client
 
 START_TIMEOUT_SECONDS = 20.0
 PREFIX = "/api/v1/optimized-reports"
@@ -133,7 +132,7 @@ def live_server(
 ) -> Iterator[LiveServer]:
     """One server per test module: seeded once, shared by the module's (read-only) tests."""
     data = _seed(dsn)
-    client = redis.Redis.from_url(redis_test_url)
+    client = redis_client(redis_test_url)
     client.flushdb()
     client.close()
     settings = app_settings(base_settings, database_url, redis_test_url)

@@ -34,7 +34,6 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
-import redis
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session
 
@@ -48,7 +47,7 @@ from service.reports.schemas import (
     ReportMeta,
 )
 from tests.conftest import Api, RunningApi, app_settings
-from tests.support import SqlCounter
+from tests.support import SqlCounter, redis_client
 
 PREFIX = "/api/v1/optimized-reports"
 BASE = 10_000  # prices are k * BASE + the salon's number
@@ -468,7 +467,7 @@ async def settle(workers: list[Api]) -> None:
 
 def make_cold(workers: list[Api]) -> None:
     """Empty Redis and every worker's in-process tier (nothing may be in flight)."""
-    client = redis.Redis.from_url(workers[0].settings.redis_url)
+    client = redis_client(workers[0].settings.redis_url)
     client.flushdb()
     client.close()
     for worker in workers:
