@@ -27,7 +27,7 @@ from service.reports.names import CACHED_REPORTS
 from service.reports.service import ReportService
 from service.schema_version import expected_revisions
 from service.workers import StatsPublisher
-from telemetry.metrics import PoolGauges
+from telemetry.metrics import Instruments, PoolGauges
 from telemetry.redis_spans import complete_redis_span
 from telemetry.setup import Telemetry
 from telemetry.sql import SqlTelemetry
@@ -90,14 +90,16 @@ def _engine(settings: Settings, url: str) -> AsyncEngine:
     )
 
 
-def _pool_gauges(name: str, engine: AsyncEngine, max_overflow: int) -> PoolGauges:
+def _pool_gauges(
+    name: str, engine: AsyncEngine, max_overflow: int, instruments: Instruments
+) -> PoolGauges:
     pool = engine.sync_engine.pool
     assert isinstance(pool, QueuePool)
 
     def status() -> tuple[int, int, int]:
         return pool.checkedin(), pool.checkedout(), pool.size() + max_overflow
 
-    return PoolGauges(name=name, status=status)
+    return PoolGauges(name=name, status=status, instruments=instruments)
 
 
 async def start_resources(
@@ -115,6 +117,10 @@ async def start_resources(
     engines = (
         {"primary": engine} if read_engine is engine else {"primary": engine, "read": read_engine}
     )
+    telemetry.instruments.pools[:] = [
+        _pool_gauges(name, each, settings.pool_max_overflow, telemetry.instruments)
+        for name, each in engines.items()
+    ]
     sql_hooks = [
         SqlTelemetry(
             each.sync_engine,
@@ -122,11 +128,9 @@ async def start_resources(
             instruments=telemetry.instruments,
             stats=telemetry.stats,
             slow_query_ms=settings.slow_query_ms,
+            pool=gauges,
         )
-        for each in engines.values()
-    ]
-    telemetry.instruments.pools[:] = [
-        _pool_gauges(name, each, settings.pool_max_overflow) for name, each in engines.items()
+        for each, gauges in zip(engines.values(), telemetry.instruments.pools, strict=True)
     ]
     redis = _redis(settings)
     if redis is not None and telemetry.enabled:

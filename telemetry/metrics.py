@@ -80,10 +80,29 @@ class PoolGauges:
     status: Callable[[], tuple[int, int, int]]  # (checked in, checked out, max)
     waiting: int = 0
     timeouts: int = 0
+    instruments: Instruments | None = None
 
     def read(self) -> PoolStatus:
         idle, used, maximum = self.status()
         return PoolStatus(idle + used, used, maximum, self.waiting, self.timeouts)
+
+    def _record(self, histogram: str, seconds: float) -> None:
+        if self.instruments is not None:
+            getattr(self.instruments, histogram).record(
+                seconds, {"db.client.connection.pool.name": self.name}
+            )
+
+    def record_wait(self, seconds: float) -> None:
+        """db.client.connection.wait_time: from asking for a connection to having one."""
+        self._record("connection_wait_time", seconds)
+
+    def record_use(self, seconds: float) -> None:
+        """db.client.connection.use_time: from having a connection to giving it back."""
+        self._record("connection_use_time", seconds)
+
+    def record_create(self, seconds: float) -> None:
+        """db.client.connection.create_time: opening a new connection."""
+        self._record("connection_create_time", seconds)
 
 
 def rss_bytes() -> int:
@@ -138,6 +157,24 @@ class Instruments:
             unit="{row}",
             description="Rows returned by database statements, by query name.",
             explicit_bucket_boundaries_advisory=ROW_BUCKETS,
+        )
+        self.connection_wait_time = meter.create_histogram(
+            "db.client.connection.wait_time",
+            unit="s",
+            description="Time a request waited for a connection of the pool.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_SECONDS,
+        )
+        self.connection_use_time = meter.create_histogram(
+            "db.client.connection.use_time",
+            unit="s",
+            description="Time a connection was held before it went back to the pool.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_SECONDS,
+        )
+        self.connection_create_time = meter.create_histogram(
+            "db.client.connection.create_time",
+            unit="s",
+            description="Time it took to open a new connection.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_SECONDS,
         )
         # Counted in a plain dict and observed at collection: exact at every scrape, and a
         # dict increment on the request path instead of an SDK measurement.

@@ -38,7 +38,7 @@ from sqlalchemy.engine import Engine
 
 from telemetry import attributes as attr
 from telemetry.context import current_request
-from telemetry.metrics import Instruments
+from telemetry.metrics import Instruments, PoolGauges
 from telemetry.stats import StatsAggregator
 
 logger = logging.getLogger("salon_reports.slow_query")
@@ -76,8 +76,10 @@ class SqlTelemetry:
         instruments: Instruments,
         stats: StatsAggregator,
         slow_query_ms: float,
+        pool: PoolGauges | None = None,
     ) -> None:
         self.engine = engine
+        self.pool = pool
         self.instruments = instruments
         self.stats = stats
         self.slow_query_ms = slow_query_ms
@@ -133,13 +135,16 @@ class SqlTelemetry:
         started = record.info.pop("_reports_connect_started", None)
         if started is None:
             return
+        ended = time.time_ns()
         span = self._connect_tracer.start_span(
             "connect",
             kind=trace.SpanKind.CLIENT,
             start_time=started,
             attributes=self._connect_attributes,
         )
-        span.end()
+        span.end(end_time=ended)
+        if self.pool is not None:
+            self.pool.record_create((ended - started) / 1e9)
 
     @staticmethod
     def _before(

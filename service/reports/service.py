@@ -128,6 +128,7 @@ class ReportService:
         pool = self.pool
         pool.waiting += 1
         waiting = True
+        asked = time.perf_counter()
         try:
             async with (
                 self.fairness.turn(lane, self.settings.pool_timeout),
@@ -135,7 +136,12 @@ class ReportService:
             ):
                 pool.waiting -= 1
                 waiting = False
-                yield connection
+                got = time.perf_counter()
+                pool.record_wait(got - asked)
+                try:
+                    yield connection
+                finally:
+                    pool.record_use(time.perf_counter() - got)
         except PoolTimeoutError as error:
             pool.timeouts += 1
             if self.stats is not None:
