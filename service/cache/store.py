@@ -121,8 +121,6 @@ class ReportCache:
         self._recent: OrderedDict[str, tuple[CacheKey, float, Compute, float]] = OrderedDict()
         self._refresh_slots = asyncio.Semaphore(REFRESH_CONCURRENCY)
         self.recomputations = 0  # recomputations after an invalidation (stored or refused)
-        # Tests: awaited by a recomputation after it read the epoch, before its query.
-        self.before_recompute: Callable[[CacheKey], Awaitable[None]] | None = None
 
     # -- availability -------------------------------------------------------------------
 
@@ -499,8 +497,6 @@ class ReportCache:
             if waited is not None:
                 return waited
             epoch, locked = await self.breaker.call(self._epoch_and_lock(key, token))
-        if self.before_recompute is not None:
-            await self.before_recompute(key)
         outcome = await self._compute_and_store(key, ttl, compute, epoch, token if locked else None)
         self.recomputations += 1
         return outcome
