@@ -8,6 +8,10 @@ import typer
 
 from service.config import get_settings, serving_settings
 
+# The uvicorn options of `serve`, shared with the load test's bare FastAPI app
+# (benchmarks/bare_app.py) so that both are served alike.
+UVICORN_OPTIONS: dict[str, object] = {"proxy_headers": False, "timeout_graceful_shutdown": 10}
+
 app = typer.Typer(
     help="salon-reports: reporting service of a salon-booking platform.",
     no_args_is_help=True,
@@ -33,8 +37,7 @@ def serve(
         port=port,
         workers=workers,
         access_log=access_log,
-        proxy_headers=False,
-        timeout_graceful_shutdown=10,
+        **UVICORN_OPTIONS,  # type: ignore[arg-type]
     )
 
 

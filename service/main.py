@@ -16,6 +16,7 @@ from service.health import router as health_router
 from service.page import router as page_router
 from service.performance import router as performance_router
 from service.reports.endpoints import router as reports_router
+from service.reports.hits import CachedReportHits
 from service.resources import start_resources, stop_resources
 from service.schema_version import log_schema_state
 from telemetry.middleware import TelemetryMiddleware
@@ -63,6 +64,9 @@ def create_app(settings: Settings | None = None, telemetry: Telemetry | None = N
     app.include_router(reports_router)
     app.include_router(performance_router, responses=error_responses(401, 403))
     app.include_router(page_router)
+    # Added first, so it runs inside TelemetryMiddleware: cache hits it answers are traced,
+    # counted and carry X-Trace-Id like every other request.
+    app.add_middleware(CachedReportHits)
     app.add_middleware(
         TelemetryMiddleware,
         tracer=telemetry.tracer,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 _HEADER = struct.Struct(">d16s16s")  # fresh-until (unix seconds), body digest, epoch
@@ -28,10 +28,11 @@ class CacheEntry:
     digest: bytes
     fresh_until: float
     epoch: bytes = b""  # the epoch it was computed under (entries read from Redis)
+    # Worked out once, when the entry is made: every response serving it carries it.
+    etag: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def etag(self) -> str:
-        return f'"{self.digest.hex()}"'
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "etag", f'"{self.digest.hex()}"')
 
     def seconds_left(self, now: float) -> int:
         return max(0, int(self.fresh_until - now))

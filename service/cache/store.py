@@ -165,6 +165,13 @@ class ReportCache:
                 span.set_attribute(attr.CACHE_HIT, outcome.result in SERVED_FROM_CACHE)
             return outcome
 
+    def local_hit(self, key: CacheKey) -> CacheEntry | None:
+        """What ``fetch`` would serve from the local tier without awaiting anything, if it
+        would (the cache trusted, the entry fresh there); the cache-hit path's lookup."""
+        if self.redis is None or not self.listener_healthy:
+            return None
+        return self.local.get(key)
+
     async def _fetch(
         self,
         key: CacheKey,

@@ -21,6 +21,7 @@ from typing import Any, Generic, Literal, TypeVar
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.datastructures import QueryParams
 from starlette.responses import Response
 
 from service.auth import Principal
@@ -128,8 +129,12 @@ def documented(model: type[_Query]) -> dict[str, Any]:
 
 def read_query(request: Request, model: type[Q]) -> Q:
     """The request's parameters as ``model``; 422 (as FastAPI words it) when they are invalid."""
+    return validate_query(request.query_params, model)
+
+
+def validate_query(params: QueryParams, model: type[Q]) -> Q:
     try:
-        return model.model_validate(dict(request.query_params))
+        return model.model_validate(dict(params))
     except ValidationError as error:
         raise RequestValidationError(
             [{**detail, "loc": ("query", *detail["loc"])} for detail in error.errors()]
@@ -192,9 +197,14 @@ def check_query(request: Request) -> None:
     Leading zeros stay allowed: "07" is 7 to every reader, and shares 7's cache entry. Unknown
     parameters are ignored, as HTTP caches and cache-busters expect.
     """
-    if len(request.url.query) > MAX_QUERY_BYTES:
+    check_query_string(request.url.query, request.query_params)
+
+
+def check_query_string(query: str, params: QueryParams) -> None:
+    """``check_query`` of a raw query string and its parameters."""
+    if len(query) > MAX_QUERY_BYTES:
         raise APIError(414, "uri_too_long", f"the query string is over {MAX_QUERY_BYTES} bytes")
-    items = request.query_params.multi_items()
+    items = params.multi_items()
     names = [name for name, _ in items]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -261,7 +271,7 @@ def report_response(
     if cacheable:  # what the telemetry counts as a cache lookup
         request.state.cache_result = outcome.result
     if_none_match = request.headers.get("if-none-match")
-    if if_none_match is not None and _etag_matches(if_none_match, entry.etag):
+    if if_none_match is not None and etag_matches(if_none_match, entry.etag):
         return Response(status_code=304, headers=headers)
     return Response(entry.body, media_type="application/json", headers=headers)
 
@@ -269,7 +279,7 @@ def report_response(
 ENTITY_TAG = re.compile(r'(?:W/)?"([^"]*)"')
 
 
-def _etag_matches(header: str, etag: str) -> bool:
+def etag_matches(header: str, etag: str) -> bool:
     """``If-None-Match`` against our (strong) ETag with the weak comparison (RFC 9110 13.1.2):
     ``*``, or any listed tag whose opaque part equals ours, ``W/`` or not. A proxy that
     compresses the body may turn the ETag weak (nginx does); the client sends that back."""

@@ -24,7 +24,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.auth import Principal
-from service.cache import CacheEntry, CacheResult, Outcome, ReportCache, build_key
+from service.cache import CacheEntry, CacheKey, CacheResult, Outcome, ReportCache, build_key
 from service.cache.listener import broadcast_clear
 from service.changes.consumer import StreamStatus
 from service.config import Settings
@@ -71,6 +71,42 @@ def decode_cursor(cursor: str) -> int:
     except (ValueError, KeyError, TypeError, UnicodeError, binascii.Error, orjson.JSONDecodeError):
         pass
     raise APIError(400, "invalid_cursor", "the cursor is malformed; start again without one")
+
+
+def cache_key(
+    report: ReportName, principal: Principal, scope: Scope, params: dict[str, Any]
+) -> CacheKey:
+    """The key of a report request, from its normalised parameters (``*_params``)."""
+    # The time zone is in the key: a request that resolved the salon's zone just before the
+    # zone changed must not store its answer where requests after the change look.
+    params = {**params, "timezone": scope.timezone}
+    return build_key(report, scope.salon_id, principal.scope_key, params)
+
+
+def dashboard_params(period: Period) -> dict[str, Any]:
+    return {"start": period.start.isoformat(), "end": period.end.isoformat()}
+
+
+def bookings_params(
+    period: Period, granularity: Granularity, filters: BookingFilters
+) -> dict[str, Any]:
+    return {
+        "start": period.start.isoformat(),
+        "end": period.end.isoformat(),
+        "granularity": granularity,
+        "professional_id": filters.professional_id,
+        "service_id": filters.service_id,
+        "status": filters.status,
+    }
+
+
+def professionals_params(period: Period, limit: int, after_id: int | None) -> dict[str, Any]:
+    return {
+        "start": period.start.isoformat(),
+        "end": period.end.isoformat(),
+        "limit": limit,
+        "after": after_id,
+    }
 
 
 def _serialise(model: BaseModel) -> bytes:
@@ -205,6 +241,15 @@ class ReportService:
             self._timezones[salon_id] = (timezone, now + SALON_TIMEZONE_TTL)
         return Scope(salon_id, timezone)
 
+    def known_scope(self, salon_id: int | None) -> Scope | None:
+        """The scope ``resolve_scope`` would answer without a query, if it would."""
+        if salon_id is None:
+            return Scope(None, PLATFORM_TIMEZONE)
+        known = self._timezones.get(salon_id)
+        if known is not None and known[1] > time.monotonic():
+            return Scope(salon_id, known[0])
+        return None
+
     def _changes_of(self, salon_id: int) -> tuple[int, int]:
         return self._timezone_changes.get(None, 0), self._timezone_changes.get(salon_id, 0)
 
@@ -238,10 +283,7 @@ class ReportService:
     ) -> Outcome:
         # Neither computed nor cached figures are current while the stream is not.
         self.stream.require_current()
-        # The time zone is in the key: a request that resolved the salon's zone just before
-        # the zone changed must not store its answer where requests after the change look.
-        params = {**params, "timezone": scope.timezone}
-        key = build_key(report, scope.salon_id, principal.scope_key, params)
+        key = cache_key(report, principal, scope, params)
         tenant = Tenant.of(principal, scope.salon_id)
 
         async def current() -> bytes:
@@ -272,7 +314,7 @@ class ReportService:
             )
             return _serialise(DashboardReport(meta=self._meta(scope, period), **data))
 
-        params = {"start": period.start.isoformat(), "end": period.end.isoformat()}
+        params = dashboard_params(period)
         return await self._cached(ReportName.DASHBOARD, principal, scope, params, compute)
 
     async def bookings(
@@ -294,14 +336,7 @@ class ReportService:
             )
             return _serialise(BookingsReport(meta=self._meta(scope, period), **data))
 
-        params = {
-            "start": period.start.isoformat(),
-            "end": period.end.isoformat(),
-            "granularity": granularity,
-            "professional_id": filters.professional_id,
-            "service_id": filters.service_id,
-            "status": filters.status,
-        }
+        params = bookings_params(period, granularity, filters)
         return await self._cached(ReportName.BOOKINGS, principal, scope, params, compute)
 
     async def professionals(
@@ -329,12 +364,7 @@ class ReportService:
             )
             return _serialise(report)
 
-        params = {
-            "start": period.start.isoformat(),
-            "end": period.end.isoformat(),
-            "limit": limit,
-            "after": after_id,
-        }
+        params = professionals_params(period, limit, after_id)
         return await self._cached(ReportName.PROFESSIONALS, principal, scope, params, compute)
 
     async def realtime(self, principal: Principal, scope: Scope) -> Outcome:
