@@ -16,6 +16,10 @@ ANALYZE``): a new or edited migration (a rollup table, say) or another generator
 a database built by older code, and a database migrated by another branch is rebuilt rather
 than half-migrated. Two benchmark processes starting together serialise on an advisory lock.
 
+Two variables change it: ``BENCH_BOOKINGS`` (default 1,000,000: e.g. 5000000 for the scaling
+figures) and ``BENCH_DATABASE`` (default ``salon_reports_bench``; another name keeps a second
+dataset, or one's own on a shared server, beside the first).
+
     python -m benchmarks.dataset            # ensure, print the summary
     python -m benchmarks.dataset --rebuild  # drop and seed again
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
@@ -40,7 +45,7 @@ from service.db import MIGRATIONS_DIR, libpq_url, migrate, with_database
 from service.tools import seed as seed_module
 from service.tools.seed import seed_database
 
-BENCH_DATABASE = "salon_reports_bench"
+BENCH_DATABASE = os.environ.get("BENCH_DATABASE") or "salon_reports_bench"
 MAINTENANCE_DATABASE = "postgres"
 LOCK_ID = 0x5A1_0B_E4C  # pg_advisory_lock key held while checking or building the dataset
 MARKER_KIND = "salon-reports benchmark dataset"
@@ -48,7 +53,7 @@ MARKER_KIND = "salon-reports benchmark dataset"
 
 @dataclass(frozen=True, slots=True)
 class DatasetParams:
-    bookings: int = 1_000_000
+    bookings: int = int(os.environ.get("BENCH_BOOKINGS") or 1_000_000)
     salons: int = 200
     days: int = 400
     seed: int = 42
