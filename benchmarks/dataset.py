@@ -47,7 +47,9 @@ from service.tools.seed import seed_database
 
 BENCH_DATABASE = os.environ.get("BENCH_DATABASE") or "salon_reports_bench"
 MAINTENANCE_DATABASE = "postgres"
-LOCK_ID = 0x5A1_0B_E4C  # pg_advisory_lock key held while checking or building the dataset
+# pg_advisory_lock(LOCK_ID, hashtext(<database>)) is held while checking or building a dataset:
+# per database, so a build of one does not hold up the users of another.
+LOCK_ID = 0x5A1_0B_E4C
 MARKER_KIND = "salon-reports benchmark dataset"
 
 
@@ -167,7 +169,7 @@ def ensure_dataset(
     server = with_database(database_url or get_settings().database_url, MAINTENANCE_DATABASE)
     started = time.perf_counter()
     with psycopg.connect(libpq_url(server), autocommit=True) as admin:
-        admin.execute("SELECT pg_advisory_lock(%s)", (LOCK_ID,))
+        admin.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (LOCK_ID, BENCH_DATABASE))
         try:
             seeded_on = None if rebuild else _read_marker(admin, params)
             if seeded_on is not None and _booking_count(url) == params.bookings:
@@ -200,7 +202,7 @@ def ensure_dataset(
                 raise RuntimeError(f"seeded {count} bookings, expected {params.bookings}")
             return Dataset(url, params, seeded_on, count, False, time.perf_counter() - started)
         finally:
-            admin.execute("SELECT pg_advisory_unlock(%s)", (LOCK_ID,))
+            admin.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (LOCK_ID, BENCH_DATABASE))
 
 
 def main() -> None:

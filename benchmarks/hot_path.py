@@ -99,8 +99,8 @@ async def measure(
     return used * 1e6 / requests, text
 
 
-def _hits(app: Any) -> CachedReportHits:
-    layer = app.middleware_stack
+def _hits(stack: Any) -> CachedReportHits:
+    layer = stack
     while not isinstance(layer, CachedReportHits):
         layer = layer.app
     return layer

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from service import __version__
 from service.config import Settings, get_settings
 from service.errors import error_responses, install_error_handlers
+from service.health import AnswerLiveness
 from service.health import router as health_router
 from service.page import router as page_router
 from service.performance import router as performance_router
@@ -64,9 +65,10 @@ def create_app(settings: Settings | None = None, telemetry: Telemetry | None = N
     app.include_router(reports_router)
     app.include_router(performance_router, responses=error_responses(401, 403))
     app.include_router(page_router)
-    # Added first, so it runs inside TelemetryMiddleware: cache hits it answers are traced,
-    # counted and carry X-Trace-Id like every other request.
+    # Added first, so they run inside TelemetryMiddleware: the cache hits and probes they
+    # answer are traced, counted and carry X-Trace-Id like every other request.
     app.add_middleware(CachedReportHits)
+    app.add_middleware(AnswerLiveness)
     app.add_middleware(
         TelemetryMiddleware,
         tracer=telemetry.tracer,

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from service.health import AnswerLiveness
 from service.reports.hits import CachedReportHits
 from tests.conftest import Api
 
@@ -197,3 +198,42 @@ async def test_hits_it_answers_are_counted_in_the_stats_and_the_metrics(
     assert attributes["cache.result"] == "hit"
     assert attributes["salon.id"] == salon
     assert attributes["http.response.status_code"] == 200
+
+
+def liveness_of(api: Api) -> AnswerLiveness:
+    api.app.middleware_stack = api.app.middleware_stack or api.app.build_middleware_stack()
+    layer: Any = api.app.middleware_stack
+    while not isinstance(layer, AnswerLiveness):
+        layer = layer.app
+    return layer
+
+
+async def test_healthz_is_answered_before_routing_as_the_route_answers_it(api: Api) -> None:
+    liveness = liveness_of(api)
+    first = await api.get("/healthz")  # FastAPI's answer: the layer learns the route
+    assert liveness.route is not None
+    fast = await api.get("/healthz")
+    route = liveness.route
+    liveness.route = None  # FastAPI answers again
+    try:
+        slow = await api.get("/healthz")
+    finally:
+        liveness.route = route
+    for response in (first, fast, slow):
+        assert response.status_code == 200
+        assert response.content == b'{"status":"ok"}'
+    fixed = [(n, v) for n, v in fast.headers.raw if n != b"x-trace-id"]
+    assert fixed == [(n, v) for n, v in slow.headers.raw if n != b"x-trace-id"]
+    assert [n for n, _ in fast.headers.raw] == [n for n, _ in slow.headers.raw]
+    # Counted and traced like any request.
+    stats = api.app.state.telemetry.stats
+    labels = {"http_route": "/healthz", "http_response_status_code": "200"}
+    before = stats.snapshot()["since_start"]["endpoints"]["GET /healthz"]["latency"]["count"]
+    metric_before = _sample(api, "http_server_request_duration_seconds_count", labels)
+    api.spans.clear()
+    for _ in range(5):
+        assert (await api.get("/healthz")).status_code == 200
+    after = stats.snapshot()["since_start"]["endpoints"]["GET /healthz"]["latency"]["count"]
+    assert after - before == 5
+    assert _sample(api, "http_server_request_duration_seconds_count", labels) - metric_before == 5
+    assert [span.name for span in api.spans.get_finished_spans()] == ["GET /healthz"] * 5
