@@ -170,6 +170,15 @@ class ReportCache:
         would (the cache trusted, the entry fresh there); the cache-hit path's lookup."""
         if self.redis is None or not self.listener_healthy:
             return None
+        if self.refresh_recent > 0:
+            # Remembered as read, as ``fetch`` does; a key not remembered (never read, or
+            # forgotten when its recomputation was scheduled) is left to ``fetch``, which
+            # remembers it with the computation to run again.
+            remembered = self._recent.get(key.key)
+            if remembered is None:
+                return None
+            self._recent[key.key] = (remembered[0], remembered[1], remembered[2], self.clock())
+            self._recent.move_to_end(key.key)
         return self.local.get(key)
 
     async def _fetch(

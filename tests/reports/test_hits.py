@@ -237,3 +237,29 @@ async def test_healthz_is_answered_before_routing_as_the_route_answers_it(api: A
     assert after - before == 5
     assert _sample(api, "http_server_request_duration_seconds_count", labels) - metric_before == 5
     assert [span.name for span in api.spans.get_finished_spans()] == ["GET /healthz"] * 5
+
+
+async def test_a_hit_it_answers_counts_as_a_read_for_the_recomputation(
+    api: Api, data: dict[str, int]
+) -> None:
+    """Keys read recently are recomputed after an invalidation (``refresh_recent``): a hit
+    answered here is such a read, and a key not remembered is left to the endpoint."""
+    cache = api.resources.cache
+    cache.refresh_recent = 120.0  # as REPORTS_CACHE_REFRESH_RECENT sets it
+    hits = hits_of(api)
+    salon = data["lisbon"]
+    owner = api.token("owner", [salon])
+    path = f"{PREFIX}/dashboard"
+    await api.get(path, owner, params={"salon_id": salon})
+    [name] = [name for name, record in cache._recent.items() if record[0].report == "dashboard"]
+    key, ttl, compute, _ = cache._recent[name]
+    cache._recent[name] = (key, ttl, compute, 0.0)  # read long ago
+    answered = hits.answered
+    await api.get(path, owner, params={"salon_id": salon})
+    assert hits.answered == answered + 1
+    assert cache._recent[name][3] > 0.0  # read again, just now
+    del cache._recent[name]  # as when its recomputation is scheduled
+    response = await api.get(path, owner, params={"salon_id": salon})
+    assert response.headers["x-cache"] == "HIT"
+    assert hits.answered == answered + 1  # the endpoint answered, and remembered it
+    assert name in cache._recent
