@@ -6,6 +6,8 @@ trace of its own, without a parent (an idle 2-worker server exported 64 of them 
 burying the requests in the trace search. Their work is measured by the metrics and the stats
 instead (the SQL hooks keep recording every statement; telemetry/README.md).
 
+``finish`` stops such a loop: it lets it leave on its own for a moment, then cancels it.
+
 ``start_untraced`` starts a loop as a task whose context suppresses the instrumentations (the
 OpenTelemetry ``suppress_instrumentation`` key; a task runs in a copy of the context it was
 created in), and ``untraced()`` does the same for a block (a loop's clean-up on shutdown). A
@@ -16,6 +18,7 @@ request and stays in its trace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -36,3 +39,16 @@ def untraced() -> Iterator[None]:
     """A block whose Redis commands and SQL statements the instrumentations do not trace."""
     with suppress_instrumentation():
         yield
+
+
+async def finish(task: asyncio.Task[Any] | None, grace: float) -> None:
+    """Wait up to ``grace`` seconds for a loop told to stop to leave on its own; then cancel it
+    (as a last resort) and wait for it to go."""
+    if task is None:
+        return
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout=grace)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -51,7 +51,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.cache.keys import scope_tag
 from service.cache.store import ReportCache
-from telemetry.background import start_untraced
+from telemetry.background import finish, start_untraced
 
 logger = logging.getLogger("service.cache.listener")
 
@@ -132,13 +132,7 @@ class InvalidationListener:
         """Stop listening: wake the loop and let it leave on its own, cancel as a last resort."""
         self._stopping.set()
         self._wake.set()
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout=2)
-            except TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+        await finish(self._task, grace=2)
         self.connected.clear()
 
     async def _run(self) -> None:

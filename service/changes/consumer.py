@@ -30,7 +30,7 @@ from service.changes.position import ELECTION_LOCK, State, read_position
 from service.changes.rebuild import emit_marker, rebuild_on
 from service.changes.stream import Folder
 from service.errors import APIError
-from telemetry.background import start_untraced, untraced
+from telemetry.background import finish, start_untraced, untraced
 from telemetry.metrics import StreamGauges
 
 logger = logging.getLogger("service.changes")
@@ -195,13 +195,7 @@ class ChangeConsumer:
         """Stop folding. Cancelling mid-batch is safe: a batch whose transaction did not
         commit comes again from the recorded position."""
         self._stopping.set()
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout=0.2)
-            except TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+        await finish(self._task, grace=0.2)
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Self
 
 import pytest
 import yaml
 
 from tests.ops.promstack import (
+    LoopbackServer,
     PromStack,
+    QuietHandler,
     WebhookReceiver,
     alertmanager_test_config,
     compress_expr,
@@ -31,7 +32,39 @@ from tests.ops.tools import PROMETHEUS_CONFIG, RULE_FILES, assert_tool_ok, requi
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10)
 
 
-class StubMetrics:
+class StubExporter:
+    """A /metrics target on 127.0.0.1 for the length of a ``with``; subclasses say what it
+    exposes at each scrape (``exposition``)."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+        stub = self
+
+        class Handler(QuietHandler):
+            def do_GET(self) -> None:
+                body = stub.exposition().encode()
+                self.send_response(200 if self.path == "/metrics" else 404)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self._http = LoopbackServer(Handler)
+        self.target = self._http.address
+
+    def __enter__(self) -> Self:
+        self._http.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._http.__exit__(*exc)
+
+    def exposition(self) -> str:
+        raise NotImplementedError
+
+
+class StubMetrics(StubExporter):
     """A /metrics endpoint with one query's duration histogram, slow or fast on demand.
 
     At every scrape it adds the executions of the time elapsed since the previous one:
@@ -45,34 +78,7 @@ class StubMetrics:
         self.mode = mode
         self.scrapes = 0
         self._observations: dict[float, float] = {}  # duration -> executions
-        self._last = time.monotonic()
-        self._lock = threading.Lock()
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = stub.exposition().encode()
-                self.send_response(200 if self.path == "/metrics" else 404)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.target = f"127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> StubMetrics:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        super().__init__()
 
     def exposition(self) -> str:
         with self._lock:
@@ -152,7 +158,7 @@ def test_slow_queries_page_the_webhook_then_resolve() -> None:
     assert time.monotonic() - started < 60
 
 
-class StubRequests:
+class StubRequests(StubExporter):
     """A /metrics endpoint with the report requests' duration histogram, up or down on demand.
 
     At every scrape it adds the requests of the time elapsed since the previous one: ``up``
@@ -165,34 +171,7 @@ class StubRequests:
     def __init__(self) -> None:
         self.mode = "up"
         self._counts: dict[str, float] = {}  # status code -> requests
-        self._last = time.monotonic()
-        self._lock = threading.Lock()
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = stub.exposition().encode()
-                self.send_response(200 if self.path == "/metrics" else 404)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.target = f"127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> StubRequests:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        super().__init__()
 
     def exposition(self) -> str:
         with self._lock:
