@@ -142,7 +142,17 @@ async def test_a_follower_never_settles_a_change_the_round_did_not_cover(
         elif len(rounds) == 3:  # New York's round waits for the follower's answer
             await asyncio.wait_for(answered.wait(), 30)
 
-    _listener(leader).round_hook = hook
+    # The invalidator's round: its Redis invalidations run between "apply" and "end".
+    leader_cache = _listener(leader).cache
+    invalidate = leader_cache.apply_announced
+
+    async def invalidate_in_a_round() -> int:
+        await hook("apply")
+        applied = await invalidate()
+        await hook("end")
+        return applied
+
+    leader_cache.apply_announced = invalidate_in_a_round  # type: ignore[method-assign]
     try:
         _book(db, data, "lisbon")
         while _listener(follower).rounds_followed == 0 or len(rounds) < 3:
@@ -155,7 +165,7 @@ async def test_a_follower_never_settles_a_change_the_round_did_not_cover(
         assert follower_cache.announcements.pending(f"{{s:{newyork}}}")
     finally:
         answered.set()
-        _listener(leader).round_hook = None
+        del leader_cache.apply_announced
     await _settle_all(fleet)
     assert (await follower.report("dashboard", salon_id=newyork)).json()["bookings_total"] == 3
 

@@ -14,6 +14,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 import psycopg
@@ -24,6 +25,7 @@ from dotenv import dotenv_values
 from service.cache import NAMESPACE, CacheEntry
 from service.config import Settings
 from service.db import libpq_url, with_database
+from service.reports import replica as replica_gate
 from tests.conftest import Api, RunningApi, app_settings
 
 WAIT_SECONDS = 30.0
@@ -220,7 +222,7 @@ async def test_a_lagging_replica_never_has_its_answers_cached(
 
 
 async def test_a_recovery_conflict_is_retried_on_the_primary(
-    replica_api: Api, clean_db: str, replica_dsn: str
+    replica_api: Api, clean_db: str, replica_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The replay of a change that needs a lock the report's replica session holds ends that
     session (after ``max_standby_streaming_delay``): the report is answered by the primary."""
@@ -255,11 +257,18 @@ async def test_a_recovery_conflict_is_retried_on_the_primary(
                 assert loop.time() < deadline, "no recovery conflict happened"
                 await asyncio.sleep(0.05)
 
-    service.before_replica_query = conflict
-    try:
-        response = await api.report("dashboard", start="2020-01-01", end="2020-01-31")
-    finally:
-        service.before_replica_query = None
+    # The conflict happens between the position check and the report query, on the replica.
+    checked = replica_gate.caught_up
+
+    async def caught_up_then_conflict(connection: Any, mark: str | None) -> bool:
+        if await checked(connection, mark):
+            monkeypatch.setattr(replica_gate, "caught_up", checked)  # once
+            await conflict()
+            return True
+        return False
+
+    monkeypatch.setattr(replica_gate, "caught_up", caught_up_then_conflict)
+    response = await api.report("dashboard", start="2020-01-01", end="2020-01-31")
     assert response.status_code == 200, response.text
     assert service.replica_reads.primary_conflict == 1
     assert response.json()["bookings_total"] == 0

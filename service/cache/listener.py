@@ -42,7 +42,6 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -121,9 +120,6 @@ class InvalidationListener:
         self.rounds_followed = 0
         self.fallbacks = 0
         self.follow_wait = FOLLOW_WAIT
-        # Tests: awaited by the invalidator in each round with "apply" (its start marker seen,
-        # before Redis) and "end" (after Redis, before its end marker).
-        self.round_hook: Callable[[str], Awaitable[None]] | None = None
 
     def start(self) -> None:
         self._task = start_untraced(self._run(), name="invalidation-listener")
@@ -358,12 +354,8 @@ class InvalidationListener:
         finally:
             self._own_rounds.pop(round_id, None)
             self._rounds.pop(round_id, None)
-        if self.round_hook is not None:
-            await self.round_hook("apply")
         await self.cache.apply_announced()  # at least what came before the start marker
         self.rounds_led += 1
-        if self.round_hook is not None:
-            await self.round_hook("end")
         await self._execute(
             "SELECT pg_notify(%s, %s)", (CHANNEL, f"{ROUND_DONE}{self.id}:{round_id}")
         )

@@ -131,8 +131,6 @@ class ReportService:
         # and it answers when the replica is behind or gives way to its replay (``replica``).
         self.primary = primary
         self.replica_reads = replica.ReplicaReads()
-        # Tests: awaited on the replica between the position check and the report query.
-        self.before_replica_query: Callable[[], Awaitable[None]] | None = None
         self.cache = cache
         self.settings = settings
         self.pool = pool or PoolGauges("read", lambda: (0, 0, 0))
@@ -211,8 +209,6 @@ class ReportService:
             async with self._connection(lane=lane) as connection:
                 await connection.execution_options(isolation_level="REPEATABLE READ")
                 if await replica.caught_up(connection, mark):
-                    if self.before_replica_query is not None:
-                        await self.before_replica_query()
                     result = await run(connection)
                     self.replica_reads.replica += 1
                     return result
