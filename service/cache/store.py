@@ -38,8 +38,10 @@ cache and are answered from PostgreSQL (``BYPASS``); if the database is unavaila
 ``unavailable`` exceptions), the last valid entry is served ``STALE``.
 
 Over 400 lines: the request path of one lookup (local tier, trust, breaker, Redis,
-cross-process lock, wait, store, background refresh) reads best in one class; what could live
-apart does (keys, entry, breaker, local tier, single flight, scripts, invalidation).
+cross-process lock, wait, store, background refresh) and the recomputation of recently read
+keys after an invalidation (which must take the same lock, epoch check and store as a miss)
+read best in one class; what could live apart does (keys, entry, breaker, local tier, single
+flight, scripts, invalidation).
 """
 
 from __future__ import annotations
