@@ -9,6 +9,9 @@ import contextlib
 import orjson
 from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+from starlette.requests import Request
 from starlette.responses import Response
 
 from service.deps import OperatorDep, ResourcesDep
@@ -19,6 +22,7 @@ from telemetry.fairness import merge_fairness
 from telemetry.stats import StatsAggregator, merge_snapshots, render
 
 router = APIRouter(tags=["operations"])
+OPENMETRICS = "application/openmetrics-text"
 
 
 @router.get(STATS_PATH)
@@ -52,21 +56,33 @@ async def performance_stats(_: OperatorDep, resources: ResourcesDep) -> Response
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics(resources: ResourcesDep) -> Response:
+async def metrics(request: Request, resources: ResourcesDep) -> Response:
     """Prometheus exposition of every worker's metrics, each series labelled ``worker``.
 
     With several workers one port is served by any of them; each scrape must see them all, or
     counters would seem to jump back and forth. Other workers' expositions come from Redis
     (published every 2 s); without Redis, this worker's alone.
+
+    Asked with ``Accept: application/openmetrics-text`` (as Prometheus asks), the answer is
+    OpenMetrics, with exemplars (trace and span ids of sampled requests and statements) on
+    the latency histograms' buckets; otherwise text format 0.0.4, which has no place for them.
     """
     telemetry = resources.telemetry
-    expositions = [(telemetry.instance_id, generate_latest(telemetry.registry).decode())]
+    encode, content_type = choose_encoder(request.headers.get("accept", ""))
+    openmetrics = content_type.startswith(OPENMETRICS)
+    if openmetrics:
+        own = openmetrics_latest(telemetry.registry).decode()  # type: ignore[no-untyped-call]
+    else:
+        encode, content_type = generate_latest, CONTENT_TYPE_LATEST
+        own = generate_latest(telemetry.registry).decode()
+    expositions = [(telemetry.instance_id, own)]
     redis = resources.cache.redis
     if redis is not None:
+        field = "openmetrics" if openmetrics else "text"
         with contextlib.suppress(Exception):
             expositions += await asyncio.wait_for(
-                other_workers(redis, telemetry.instance_id, METRICS_KEY, "text"), timeout=1.0
+                other_workers(redis, telemetry.instance_id, METRICS_KEY, field), timeout=1.0
             )
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(Combined(expositions))
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    registry.register(Combined(expositions, openmetrics=openmetrics))
+    return Response(encode(registry), media_type=content_type)

@@ -1,8 +1,9 @@
 """Worker synchronisation: each worker publishes what it counted, any worker answers for all.
 
-With several workers each one publishes its stats snapshot and its metrics exposition to Redis
-every ``PUBLISH_INTERVAL_SECONDS`` (``sr:stats:workers`` and ``sr:metrics:workers``, one field
-per worker); ``/performance/stats`` and ``/metrics`` merge the fresh ones (younger than
+With several workers each one publishes its stats snapshot and its metrics exposition (text
+format 0.0.4, and OpenMetrics, which carries exemplars) to Redis every
+``PUBLISH_INTERVAL_SECONDS`` (``sr:stats:workers`` and ``sr:metrics:workers``, one field per
+worker); ``/performance/stats`` and ``/metrics`` merge the fresh ones (younger than
 ``FRESH_FOR_SECONDS``) with the answering worker's own. Without Redis a worker answers for
 itself alone.
 """
@@ -18,6 +19,10 @@ from typing import Any
 import orjson
 from prometheus_client import generate_latest
 from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
@@ -47,6 +52,26 @@ def local_snapshot(telemetry: Telemetry) -> dict[str, Any]:
     )
     snapshot["fairness"] = telemetry.instruments.fairness.snapshot()
     return snapshot
+
+
+class _Collected:
+    """Families collected once, rendered in both formats."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def expositions(telemetry: Telemetry) -> tuple[str, str]:
+    """This worker's metrics in text format 0.0.4 and in OpenMetrics (which carries the
+    exemplars), from one collection."""
+    collected = _Collected(list(telemetry.registry.collect()))
+    return (
+        generate_latest(collected).decode(),
+        openmetrics_latest(collected).decode(),  # type: ignore[no-untyped-call]
+    )
 
 
 class StatsPublisher:
@@ -81,9 +106,8 @@ class StatsPublisher:
     async def publish(self) -> None:
         now = time.time()
         payload = orjson.dumps({"at": now, "snapshot": local_snapshot(self.telemetry)})
-        exposition = orjson.dumps(
-            {"at": now, "text": generate_latest(self.telemetry.registry).decode()}
-        )
+        text, openmetrics = expositions(self.telemetry)
+        exposition = orjson.dumps({"at": now, "text": text, "openmetrics": openmetrics})
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(STATS_KEY, self.telemetry.instance_id, payload)
             pipe.expire(STATS_KEY, int(FRESH_FOR_SECONDS * 4))
@@ -112,22 +136,27 @@ async def other_workers(
         if now - float(published.get("at", 0)) > FRESH_FOR_SECONDS:
             stale.append(name)  # a worker that stopped without saying goodbye
             continue
-        snapshots.append((name, published[field]))
+        if field in published:  # a worker of an older release publishes no OpenMetrics
+            snapshots.append((name, published[field]))
     if stale:
         await redis.hdel(key, *stale)
     return snapshots
 
 
 class Combined:
-    """A collector replaying several workers' expositions, each series labelled by worker."""
+    """A collector replaying several workers' expositions, each series labelled by worker.
 
-    def __init__(self, expositions: list[tuple[str, str]]) -> None:
+    Text format 0.0.4 by default; ``openmetrics=True`` parses OpenMetrics, whose samples keep
+    their exemplars through the merge."""
+
+    def __init__(self, expositions: list[tuple[str, str]], *, openmetrics: bool = False) -> None:
         self.expositions = expositions
+        self.parse = openmetrics_families if openmetrics else text_string_to_metric_families
 
     def collect(self) -> Iterator[Metric]:
         families: dict[str, Metric] = {}
         for worker, text in self.expositions:
-            for family in text_string_to_metric_families(text):
+            for family in self.parse(text):
                 merged = families.get(family.name)
                 if merged is None:
                     merged = Metric(family.name, family.documentation, family.type, family.unit)

@@ -13,7 +13,8 @@ middleware opens one. Per request it:
   template itself; a method outside the HTTP standard ones is recorded as ``_OTHER``;
 - adds ``X-Trace-Id`` to the response;
 - records ``http.server.request.duration`` and feeds the stats aggregator (every request,
-  whatever the sampler decided);
+  whatever the sampler decided); a sampled request's trace and span ids become the
+  exemplar of its bucket (``telemetry/exemplars.py``);
 - records an exception on the span (status ERROR, exception event) and lets the app's
   handlers answer the client; 5xx responses also mark the span as an error;
 - reports N+1 patterns: five or more identical statements in one request.
@@ -31,6 +32,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from telemetry import attributes as attr
 from telemetry.context import RequestContext, current_request
+from telemetry.exemplars import exemplar_context
 from telemetry.metrics import Instruments
 from telemetry.nplusone import statement_fingerprint
 from telemetry.stats import StatsAggregator
@@ -162,6 +164,9 @@ class TelemetryMiddleware:
                 attr.HTTP_ROUTE: route,
                 attr.HTTP_RESPONSE_STATUS_CODE: status_code,
             },
+            # The span is no longer current here: hand it over, so a sampled request leaves
+            # its trace id as the bucket's exemplar (and an unsampled one leaves none).
+            context=exemplar_context(span),
         )
         self.stats.record_request(f"{method} {route}", status_code, seconds * 1000)
         state = scope.get("state") or {}

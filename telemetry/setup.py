@@ -9,7 +9,8 @@ the instruments, the Prometheus registry behind ``/metrics`` and the stats aggre
 - traces: the sampler from ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` (the SDK reads
   them), exported over OTLP/HTTP in batches when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the
   traces-specific variable) is set;
-- metrics: always readable at ``/metrics``; also exported over OTLP when an endpoint is set;
+- metrics: always readable at ``/metrics`` (with exemplars on the latency histograms'
+  buckets, ``telemetry/exemplars.py``); also exported over OTLP when an endpoint is set;
 - ``OTEL_SEMCONV_STABILITY_OPT_IN`` defaults to ``database,http``: the SQL and Redis spans
   carry the stable database conventions, as the metrics do;
 - ``OTEL_SDK_DISABLED=true`` turns spans and metrics into no-ops; the stats aggregator keeps
@@ -24,7 +25,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -32,6 +32,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry
 
+from telemetry.exemplars import ExemplarPrometheusReader
 from telemetry.metrics import Instruments
 from telemetry.stats import StatsAggregator, Thresholds
 
@@ -112,7 +113,7 @@ def configure(
         owned.append(sdk_tracer_provider)
 
     registry = CollectorRegistry(auto_describe=True)
-    readers: list[MetricReader] = [PrometheusMetricReader(registry=registry)]
+    readers: list[MetricReader] = [ExemplarPrometheusReader(registry=registry)]
     if not disabled and _has_endpoint(env, "METRICS"):
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 

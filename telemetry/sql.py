@@ -11,7 +11,8 @@ hooks, which run before its span ends, rename the span after the query (the
 ``db.query.summary`` and ``db.response.returned_rows``. They also record
 ``db.client.operation.duration`` (``db.system.name``, ``db.namespace``, ``db.operation.name``,
 ``db.query.summary``, ``server.address``, ``server.port``, and ``error.type`` on a failed or
-timed-out statement) and ``db.client.response.returned_rows``, feed the stats
+timed-out statement; a sampled statement's trace and span ids as its bucket's exemplar) and
+``db.client.response.returned_rows``, feed the stats
 aggregator (every statement, sampled or not), and for a statement slower than the threshold
 write one structured JSON log line with the trace and span ids and add a ``slow_query`` span
 event. The statement text recorded has placeholders only; parameter values never leave.
@@ -38,6 +39,7 @@ from sqlalchemy.engine import Engine
 
 from telemetry import attributes as attr
 from telemetry.context import current_request
+from telemetry.exemplars import exemplar_context
 from telemetry.metrics import Instruments, PoolGauges
 from telemetry.stats import StatsAggregator
 
@@ -182,11 +184,14 @@ class SqlTelemetry:
         error_type = getattr(context, "_reports_error_type", None)
         if error_type is not None:
             duration_labels[attr.ERROR_TYPE] = error_type
-        self.instruments.db_duration.record(seconds, duration_labels)
+        span = getattr(context, "_otel_span", None)
+        # The statement's span, if sampled, is the exemplar of its bucket.
+        self.instruments.db_duration.record(
+            seconds, duration_labels, context=exemplar_context(span)
+        )
         if rows >= 0:
             self.instruments.db_rows.record(rows, labels)
 
-        span = getattr(context, "_otel_span", None)
         span_context = span.get_span_context() if span is not None else None
         request = current_request.get()
         trace_id = None

@@ -212,6 +212,7 @@ class PromStack:
         metrics_path: str = "/metrics",
         rules_after_first_scrape: bool = True,
         startup_timeout: float = 30.0,
+        prometheus_flags: Iterable[str] = (),
     ) -> None:
         self.scrape_target = scrape_target
         self.webhook_url = webhook_url
@@ -222,6 +223,7 @@ class PromStack:
         self.metrics_path = metrics_path
         self.rules_after_first_scrape = rules_after_first_scrape
         self.startup_timeout = startup_timeout
+        self.prometheus_flags = list(prometheus_flags)  # e.g. --enable-feature=exemplar-storage
         project_config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
         self.external_labels: dict[str, str] = project_config["global"].get("external_labels", {})
         self.prometheus_url = ""
@@ -301,6 +303,7 @@ class PromStack:
                 f"--web.listen-address=127.0.0.1:{port}",
                 "--rules.alert.resend-delay=1s",
                 "--log.level=info",
+                *self.prometheus_flags,
             ],
             directory / "prometheus.log",
         )
@@ -352,6 +355,17 @@ class PromStack:
         if answer.get("status") != "success":
             raise PromStackError(f"query {expr!r} failed: {answer}")
         result: list[dict[str, Any]] = answer["data"]["result"]
+        return result
+
+    def exemplars(self, expr: str, since: float) -> list[dict[str, Any]]:
+        """The exemplars of the series ``expr`` selects, stored since ``since`` (Unix time)
+        until now (``/api/v1/query_exemplars``; needs ``--enable-feature=exemplar-storage``)."""
+        query = {"query": expr, "start": f"{since:.3f}", "end": f"{time.time() + 1:.3f}"}
+        url = f"{self.prometheus_url}/api/v1/query_exemplars?" + urllib.parse.urlencode(query)
+        answer = http_get_json(url)
+        if answer.get("status") != "success":
+            raise PromStackError(f"exemplars of {expr!r} failed: {answer}")
+        result: list[dict[str, Any]] = answer["data"]
         return result
 
     def rule_groups(self) -> list[dict[str, Any]]:
