@@ -74,5 +74,6 @@ def create_app(settings: Settings | None = None, telemetry: Telemetry | None = N
         tracer=telemetry.tracer,
         instruments=telemetry.instruments,
         stats=telemetry.stats,
+        slo=telemetry.slo,
     )
     return app

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from service.deps import OperatorDep, ResourcesDep
+from service.error_budget import budget_section
 from service.paths import STATS_PATH
 from service.statements import top_statements
 from service.workers import METRICS_KEY, Combined, local_snapshot, other_workers
@@ -28,7 +29,8 @@ OPENMETRICS = "application/openmetrics-text"
 @router.get(STATS_PATH)
 async def performance_stats(_: OperatorDep, resources: ResourcesDep) -> Response:
     """Requests, queries, cache, pool, memory, slow queries, N+1, breached thresholds, the
-    tenants' fair share and the database's top statements (pg_stat_statements)."""
+    tenants' fair share, the database's top statements (pg_stat_statements) and the SLOs'
+    error budgets."""
     telemetry = resources.telemetry
     snapshots = [local_snapshot(telemetry)]
     partial = False
@@ -50,6 +52,8 @@ async def performance_stats(_: OperatorDep, resources: ResourcesDep) -> Response
     # throttled, by id — this endpoint is for admins and ops only.
     body["fairness"] = merge_fairness([snapshot.get("fairness") for snapshot in snapshots])
     body["alerts"].append(body["fairness"]["alert"])
+    # The error budgets of the two SLOs (docs/slo.md), from every worker's counts in Redis.
+    body["slo"] = await budget_section(redis, telemetry.slo)
     return Response(
         orjson.dumps(body), media_type="application/json", headers={"Cache-Control": "no-store"}
     )

@@ -5,7 +5,8 @@ format 0.0.4, and OpenMetrics, which carries exemplars) to Redis every
 ``PUBLISH_INTERVAL_SECONDS`` (``sr:stats:workers`` and ``sr:metrics:workers``, one field per
 worker); ``/performance/stats`` and ``/metrics`` merge the fresh ones (younger than
 ``FRESH_FOR_SECONDS``) with the answering worker's own. Without Redis a worker answers for
-itself alone.
+itself alone. On the same turn it adds the report requests it counted since the last one to
+the error budgets' shared counts (``service.error_budget``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from service.error_budget import ErrorBudgetStore
 from telemetry.background import start_untraced, untraced
 from telemetry.metrics import memory_limit_bytes, rss_bytes
 from telemetry.setup import Telemetry
@@ -80,6 +82,7 @@ class StatsPublisher:
     def __init__(self, redis: Redis, telemetry: Telemetry) -> None:
         self.redis = redis
         self.telemetry = telemetry
+        self.budget = ErrorBudgetStore(redis)
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
@@ -93,6 +96,8 @@ class StatsPublisher:
         if self._task is not None:
             await self._task
         with contextlib.suppress(Exception), untraced():
+            await self.publish_budget()  # the last seconds' requests
+        with contextlib.suppress(Exception), untraced():
             await self.redis.hdel(STATS_KEY, self.telemetry.instance_id)
             await self.redis.hdel(METRICS_KEY, self.telemetry.instance_id)
 
@@ -100,6 +105,8 @@ class StatsPublisher:
         while not self._stopping.is_set():
             with contextlib.suppress(Exception):
                 await self.publish()
+            with contextlib.suppress(Exception):
+                await self.publish_budget()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), PUBLISH_INTERVAL_SECONDS)
 
@@ -114,6 +121,18 @@ class StatsPublisher:
             pipe.hset(METRICS_KEY, self.telemetry.instance_id, exposition)
             pipe.expire(METRICS_KEY, int(FRESH_FOR_SECONDS * 4))
             await pipe.execute()
+
+    async def publish_budget(self) -> None:
+        """Add the report requests counted since the last turn to the shared error budgets."""
+        counter = self.telemetry.slo
+        batch = counter.take()
+        if not batch.minutes:
+            return
+        try:
+            await self.budget.add(batch, time.time())
+        except BaseException:
+            counter.give_back(batch)  # with the next turn's
+            raise
 
 
 async def other_workers(

@@ -12,9 +12,9 @@ middleware opens one. Per request it:
   name, ``http.route``, metrics, stats) and ``url.path`` is recorded only when it is the route
   template itself; a method outside the HTTP standard ones is recorded as ``_OTHER``;
 - adds ``X-Trace-Id`` to the response;
-- records ``http.server.request.duration`` and feeds the stats aggregator (every request,
-  whatever the sampler decided); a sampled request's trace and span ids become the
-  exemplar of its bucket (``telemetry/exemplars.py``);
+- records ``http.server.request.duration`` and feeds the stats aggregator and the error
+  budgets' counter (every request, whatever the sampler decided); a sampled request's trace
+  and span ids become the exemplar of its bucket (``telemetry/exemplars.py``);
 - records an exception on the span (status ERROR, exception event) and lets the app's
   handlers answer the client; 5xx responses also mark the span as an error;
 - reports N+1 patterns: five or more identical statements in one request.
@@ -36,6 +36,7 @@ from telemetry.exemplars import exemplar_context
 from telemetry.metrics import Instruments
 from telemetry.nplusone import statement_fingerprint
 from telemetry.stats import StatsAggregator
+from telemetry.stats.slo import SloCounter
 
 logger = logging.getLogger("salon_reports.n_plus_one")
 
@@ -86,11 +87,13 @@ class TelemetryMiddleware:
         tracer: trace.Tracer,
         instruments: Instruments,
         stats: StatsAggregator,
+        slo: SloCounter | None = None,
     ) -> None:
         self.app = app
         self.tracer = tracer
         self.instruments = instruments
         self.stats = stats
+        self.slo = slo
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -169,6 +172,8 @@ class TelemetryMiddleware:
             context=exemplar_context(span),
         )
         self.stats.record_request(f"{method} {route}", status_code, seconds * 1000)
+        if self.slo is not None:
+            self.slo.record(route, status_code, seconds)
         state = scope.get("state") or {}
         cache_result = state.get("cache_result")
         if cache_result is not None:

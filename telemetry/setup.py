@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry
 from telemetry.exemplars import ExemplarPrometheusReader
 from telemetry.metrics import Instruments
 from telemetry.stats import StatsAggregator, Thresholds
+from telemetry.stats.slo import SloCounter
 
 SCOPE = "salon-reports"
 DEFAULT_SERVICE_NAME = "salon-reports"
@@ -75,6 +76,8 @@ class Telemetry:
     instruments: Instruments
     stats: StatsAggregator
     instance_id: str
+    # Report requests by minute, for the error budgets (telemetry/stats/slo.py).
+    slo: SloCounter = field(default_factory=SloCounter)
     enabled: bool = True
     _owned: list[object] = field(default_factory=list)
 

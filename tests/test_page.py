@@ -412,6 +412,7 @@ return {
   cache: chart("chart-cache"),
   pool: chart("chart-pool"),
   memory: chart("chart-memory"),
+  budget: chart("chart-budget"),
   slow_links: all("#table-slow a.trace").map((link) => link.href),
   n_plus_one_links: all("#table-n-plus-one a.trace").map((link) => link.href),
   n_plus_one_text: document.getElementById("table-n-plus-one").textContent,
@@ -513,6 +514,16 @@ def test_the_page_in_headless_chromium(server: Server, redis_url: str) -> None:
         assert f"{stats['workers']} workers" in page["status"]
         assert re.search(r"\d+ of \d+ in use · \d+ waiting", page["pool"]["text"])
         assert re.search(r"\d+ MiB", page["memory"]["text"])
+        # Error budgets: both SLOs, with the figures of every worker's counts in Redis (the
+        # last report request was seconds before the page's last poll: all published).
+        assert stats["slo"]["source"] == "redis"
+        assert sorted(page["budget"]["labels"]) == ["availability", "latency"]
+        for objective in stats["slo"]["objectives"].values():
+            month = objective["windows"]["30d"]
+            assert month["requests"] > 0
+            assert f"{month['bad']} bad of {month['requests']}" in page["budget"]["text"]
+            assert objective["budget_left"] is not None
+        assert "burn 5m" in page["budget"]["text"]
         # The banner: every query is slower than REPORTS_SLOW_QUERY_MS=1.
         assert "breached" in page["banner_classes"].split()
         assert "query_p95" in page["breached"]

@@ -21,6 +21,7 @@
   const ALERT_MS = 500; // the query-time alert (telemetry/README.md)
   const MEMORY_LINE = 0.8; // the memory alert (telemetry/README.md)
   const FRESHNESS_LINE = 5; // seconds: the freshness alert (telemetry/README.md)
+  const PAGE_BURN = 14.4; // the fast error-budget page: 14.4x over 1 h and 5 min (docs/slo.md)
   const HISTORY_LIMIT = 720; // an hour of samples at the default refresh
   const TABLE_ROWS = 15;
   const SVG_NS = "http://www.w3.org/2000/svg";
@@ -110,6 +111,15 @@
     "fairness.tenants[].queued_last_5m",
     "fairness.tenants[].throttled_last_5m",
     "fairness.tenants[].last_throttled_at",
+    "slo.partial",
+    "slo.since",
+    "slo.period_days",
+    "slo.objectives.*.objective",
+    "slo.objectives.*.budget_left",
+    "slo.objectives.*.windows.30d.requests",
+    "slo.objectives.*.windows.30d.bad",
+    "slo.objectives.*.windows.5m.burn_rate",
+    "slo.objectives.*.windows.1h.burn_rate",
     "alerts[].name",
     "alerts[].breached",
     "alerts[].value",
@@ -509,6 +519,36 @@
     container.replaceChildren(chart, legend);
   }
 
+  function burn(rate) {
+    return rate === null || rate === undefined ? "–" : `${rate < 10 ? rate.toFixed(2) : rate.toFixed(0)}×`;
+  }
+
+  /** Per SLO: the budget left over the 30 days, the burn rates over 5 min and 1 h. */
+  function drawBudget(stats) {
+    const container = document.getElementById("chart-budget");
+    const slo = stats.slo;
+    const names = Object.keys(slo.objectives);
+    const chart = canvas(480, 48 * names.length + 6, "error budget left per SLO");
+    chart.classList.add("budget");
+    names.forEach((name, index) => {
+      const objective = slo.objectives[name];
+      const windows = objective.windows;
+      const left = objective.budget_left;
+      const fast = [windows["5m"].burn_rate, windows["1h"].burn_rate];
+      const paging = fast.every((rate) => rate !== null && rate > PAGE_BURN);
+      const month = windows["30d"];
+      gauge(chart, 4 + index * 48, name, Math.max(0, left ?? 1), 1,
+        `${pct(objective.objective)}: ${left === null ? "no request" : `${pct(left)} left`} · burn 5m ${burn(fast[0])} · 1h ${burn(fast[1])} · ${month.bad} bad of ${month.requests}`,
+        paging || (left !== null && left <= 0));
+    });
+    const source = slo.partial
+      ? `this worker only, since ${clock(slo.since)}: Redis could not be read`
+      : `all workers, over ${slo.period_days} days${slo.since ? ` (counted since ${new Date(slo.since).toLocaleDateString()})` : ""}`;
+    const legend = el("p", { class: slo.partial ? "legend warning" : "legend" },
+      `${source} · burn 1× spends the budget in exactly ${slo.period_days} days; the page alert is ${PAGE_BURN}× over 1 h and 5 min`);
+    container.replaceChildren(chart, legend);
+  }
+
   // -- tables and the banner ----------------------------------------------------------------
 
   const jaegerUrl = (() => {
@@ -692,6 +732,7 @@
     drawPool(stats);
     drawMemory(stats);
     drawFreshness(stats);
+    drawBudget(stats);
     drawTables(stats);
     drawStatements(stats);
     const workers = `${stats.workers} worker${stats.workers === 1 ? "" : "s"}`;
