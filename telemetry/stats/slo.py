@@ -102,6 +102,7 @@ class SloCounter:
         self._minutes: dict[int, Cells] = {}  # history: taken minutes, the last KEEP_MINUTES
         self._hours: dict[int, Cells] = {}  # history: taken hours, the last 30 days
         self.started_at = wall_clock()
+        self._compacted = int(self.started_at // MINUTE)
 
     def record(self, route: str, status_code: int, seconds: float) -> None:
         """Count one request if it is a report request (the middleware calls it for all)."""
@@ -115,6 +116,8 @@ class SloCounter:
         try:
             cells = self._pending.get(minute)
             if cells is None:
+                if minute - self._compacted >= 60:
+                    self._compact(minute)
                 cells = self._pending[minute] = [0, 0, 0]
             cells[REQUESTS] += 1
             if error:
@@ -162,6 +165,18 @@ class SloCounter:
                 add(minutes, minute, cells)
                 add(hours, minute // 60, cells)
         return minutes, hours
+
+    def _compact(self, now_minute: int) -> None:
+        """Bound what waits for a publisher that cannot publish (Redis down or not configured):
+        minutes older than ``KEEP_MINUTES`` are only read by the hour, so they are folded into
+        their hour's first minute, and those older than 30 days dropped. Called with the lock
+        held, at most once an hour."""
+        self._compacted = now_minute
+        oldest = now_minute - PERIOD_DAYS * 24 * 60
+        for minute in [m for m in self._pending if m <= now_minute - KEEP_MINUTES]:
+            cells = self._pending.pop(minute)
+            if minute > oldest:
+                add(self._pending, minute - minute % 60, cells)
 
     def _prune(self) -> None:
         now_minute = int(self._clock() // MINUTE)

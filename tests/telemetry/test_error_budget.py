@@ -189,6 +189,26 @@ def test_known_bad_requests_give_the_exact_budget_and_burn_rates() -> None:
     assert empty["objectives"]["latency"]["budget_left"] is None
 
 
+def test_what_no_publisher_takes_stays_bounded() -> None:
+    clock = Clock(NOON - 40 * 86400)
+    counter = SloCounter(clock)
+    for minute in range(40 * 24 * 60):  # 40 days of one request a minute, never published
+        clock.now = NOON - 40 * 86400 + minute * 60
+        counter.record(DASHBOARD, 500 if minute % 100 == 0 else 200, 0.01)
+    pending = counter.pending().minutes
+    assert len(pending) <= 30 * 24 + 120 + 60
+    minutes, hours = counter.history()
+    budget = render_budget(minutes, hours, clock.now, source="worker", partial=True)
+    availability = budget["objectives"]["availability"]["windows"]
+    # Every minute of the last hour and the last 30 days, by the minute and by the hour.
+    assert availability["1h"]["requests"] == 60
+    assert availability["5m"]["requests"] == 5
+    assert availability["30d"]["requests"] == 30 * 24 * 60
+    assert availability["30d"]["bad"] == sum(
+        1 for minute in range(10 * 24 * 60, 40 * 24 * 60) if minute % 100 == 0
+    )
+
+
 # -- across workers, in Redis -------------------------------------------------------------------
 
 
