@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 from collections import Counter
@@ -35,6 +36,7 @@ from redis.asyncio import Redis
 from service.cache import NAMESPACE, ReportCache, build_key, scope_tag
 from service.config import Settings
 from service.db import async_engine
+from service.fairness import TenantThrottled
 from service.reports import queries
 from service.reports.names import CACHED_REPORTS
 from tests.conftest import Api, RunningApi, app_settings
@@ -584,6 +586,46 @@ async def test_a_key_read_near_its_expiry_is_refreshed_ahead_of_it(redis_url: st
         outcome = await cache.fetch(key, 100, compute)
         assert (outcome.result.value, outcome.entry.body) == ("hit", b'{"n":1}')
         assert outcome.entry.fresh_until == now[0] + 100
+    finally:
+        await cache.close()
+        await client.aclose()
+
+
+async def test_a_refresh_the_fair_share_refuses_is_skipped_quietly_and_tried_again(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A background refresh refused by the tenant's fair share (429) is expected under a burst:
+    one info line without a traceback, the entry keeps answering, and the next read near its
+    expiry tries again."""
+    client = Redis.from_url(redis_url)
+    now = [1_000_000.0]
+    cache = ReportCache(client, reports=CACHED_REPORTS, clock=lambda: now[0], refresh_recent=120.0)
+    key = build_key("dashboard", 8, "admin", {"start": "2026-03-01", "end": "2026-03-31"})
+    attempts: list[str] = []
+
+    async def compute() -> bytes:
+        attempts.append("refused" if len(attempts) == 1 else "computed")
+        if attempts[-1] == "refused":
+            raise TenantThrottled(1.0, "queue_full")
+        return f'{{"n":{len(attempts)}}}'.encode()
+
+    try:
+        await cache.clear_all()
+        assert (await cache.fetch(key, 100, compute)).result.value == "miss"
+        now[0] += 95  # 5 s left: refreshed ahead, and refused
+        with caplog.at_level(logging.INFO, logger="service.cache"):
+            outcome = await cache.fetch(key, 100, compute)
+            await cache.background_done()
+        assert (outcome.result.value, outcome.entry.body) == ("hit", b'{"n":1}')
+        assert attempts == ["computed", "refused"]
+        records = [r for r in caplog.records if r.name == "service.cache"]
+        assert [(r.levelno, r.exc_info) for r in records] == [(logging.INFO, None)]
+        assert "tenant_throttled" in records[0].getMessage()
+        again = await cache.fetch(key, 100, compute)  # still the entry; another refresh
+        assert (again.result.value, again.entry.body) == ("hit", b'{"n":1}')
+        await cache.background_done()
+        assert attempts == ["computed", "refused", "computed"]
+        assert (await cache.fetch(key, 100, compute)).entry.body == b'{"n":3}'
     finally:
         await cache.close()
         await client.aclose()

@@ -68,7 +68,7 @@ from service.cache.invalidation import (
 from service.cache.keys import CacheKey, scope_tag
 from service.cache.local import LocalTier
 from service.cache.scripts import Scripts
-from service.errors import CacheUnavailable
+from service.errors import APIError, CacheUnavailable
 from telemetry import attributes as attr
 
 logger = logging.getLogger("service.cache")
@@ -80,6 +80,13 @@ REFRESH_CONCURRENCY = 4  # background recomputations at once, per process
 
 
 Compute = Callable[[], Awaitable[bytes]]
+
+
+def _skipped(key: CacheKey, work: str, error: APIError) -> None:
+    """Background work the service itself declined: the tenant's fair share was full (429) or
+    the database is unavailable (503). Expected under a burst or an outage, and no loss: the key
+    is computed again on its next read. One line without a traceback, not a warning per key."""
+    logger.info("background %s of a %s report skipped: %s", work, key.report, error.code)
 
 
 class ReportCache:
@@ -392,6 +399,8 @@ class ReportCache:
                 if not locked:
                     return  # another process is refreshing it
                 await self._compute_and_store(key, ttl, compute, epoch, token)
+            except APIError as error:
+                _skipped(key, "refresh", error)
             except Exception:
                 logger.warning(
                     "background refresh of a %s report failed", key.report, exc_info=True
@@ -500,6 +509,8 @@ class ReportCache:
                 ):
                     return
                 await self._flights.run(key, lambda: self._recomputation(key, ttl, compute))
+        except APIError as error:
+            _skipped(key, "recomputation", error)
         except Exception:
             logger.warning("recomputing a %s report failed", key.report, exc_info=True)
 
