@@ -229,6 +229,12 @@ def test_prometheus_gets_the_project_config_and_rules() -> None:
         pytest.fail(f"{config_path} is not in a mounted directory")
 
 
+def test_prometheus_stores_exemplars() -> None:
+    """The service's /metrics carries exemplars (trace ids) in OpenMetrics, which Prometheus
+    asks for by default; it keeps them only with exemplar storage on."""
+    assert "--enable-feature=exemplar-storage" in services()["prometheus"]["command"]
+
+
 def test_prometheus_scrapes_services_of_the_stack() -> None:
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     targets = scrape_targets(config)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from telemetry.exemplars import EXEMPLAR_HISTOGRAMS, TRACE_ID
 from tests.ops.promql import (
     PROMETHEUS_LABELS,
     PROMETHEUS_SYNTHETIC,
@@ -221,6 +222,28 @@ def test_slow_requests_link_to_their_traces_in_jaeger() -> None:
     assert target["queryType"] == "search"
     assert target["service"] == "salon-reports"
     assert target["minDuration"] == "500ms"
+
+
+@pytest.mark.parametrize(
+    ("title", "histogram"),
+    [
+        ("Latency p95 by route", "http_server_request_duration_seconds_bucket"),
+        ("Query time p95 by query", "db_client_operation_duration_seconds_bucket"),
+    ],
+)
+def test_latency_panels_show_the_exemplars_linked_to_jaeger(title: str, histogram: str) -> None:
+    targets = panel(title)["targets"]
+    assert targets
+    for target in targets:
+        assert histogram in target["expr"]
+        assert target.get("exemplar") is True, f"{title}: exemplars not shown"
+        assert target["datasource"]["uid"] == "prometheus"
+    # The label the service's exemplars carry is the one the data source links to Jaeger.
+    destinations = provisioned_datasources()["prometheus"]["jsonData"][
+        "exemplarTraceIdDestinations"
+    ]
+    assert {(d["name"], d["datasourceUid"]) for d in destinations} == {(TRACE_ID, "jaeger")}
+    assert histogram.removesuffix("_bucket") in EXEMPLAR_HISTOGRAMS.values()
 
 
 # -- provisioning -----------------------------------------------------------------------------
