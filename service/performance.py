@@ -10,7 +10,6 @@ import orjson
 from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -18,7 +17,14 @@ from service.deps import OperatorDep, ResourcesDep
 from service.error_budget import budget_section
 from service.paths import STATS_PATH
 from service.statements import top_statements
-from service.workers import METRICS_KEY, Combined, local_snapshot, other_workers
+from service.workers import (
+    EXPOSITION_FIELD,
+    METRICS_KEY,
+    Combined,
+    exposition,
+    local_snapshot,
+    other_workers,
+)
 from telemetry.fairness import merge_fairness
 from telemetry.stats import StatsAggregator, merge_snapshots, render
 
@@ -73,20 +79,17 @@ async def metrics(request: Request, resources: ResourcesDep) -> Response:
     """
     telemetry = resources.telemetry
     encode, content_type = choose_encoder(request.headers.get("accept", ""))
-    openmetrics = content_type.startswith(OPENMETRICS)
-    if openmetrics:
-        own = openmetrics_latest(telemetry.registry).decode()  # type: ignore[no-untyped-call]
-    else:
+    if not content_type.startswith(OPENMETRICS):
         encode, content_type = generate_latest, CONTENT_TYPE_LATEST
-        own = generate_latest(telemetry.registry).decode()
-    expositions = [(telemetry.instance_id, own)]
+    # Every worker's exposition in OpenMetrics (what they publish), rendered as asked.
+    expositions = [(telemetry.instance_id, exposition(telemetry))]
     redis = resources.cache.redis
     if redis is not None:
-        field = "openmetrics" if openmetrics else "text"
         with contextlib.suppress(Exception):
             expositions += await asyncio.wait_for(
-                other_workers(redis, telemetry.instance_id, METRICS_KEY, field), timeout=1.0
+                other_workers(redis, telemetry.instance_id, METRICS_KEY, EXPOSITION_FIELD),
+                timeout=1.0,
             )
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(Combined(expositions, openmetrics=openmetrics))
+    registry.register(Combined(expositions))
     return Response(encode(registry), media_type=content_type)

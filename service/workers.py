@@ -1,7 +1,7 @@
 """Worker synchronisation: each worker publishes what it counted, any worker answers for all.
 
-With several workers each one publishes its stats snapshot and its metrics exposition (text
-format 0.0.4, and OpenMetrics, which carries exemplars) to Redis every
+With several workers each one publishes its stats snapshot and its metrics exposition
+(OpenMetrics, which carries exemplars) to Redis every
 ``PUBLISH_INTERVAL_SECONDS`` (``sr:stats:workers`` and ``sr:metrics:workers``, one field per
 worker); ``/performance/stats`` and ``/metrics`` merge the fresh ones (younger than
 ``FRESH_FOR_SECONDS``) with the answering worker's own. Without Redis a worker answers for
@@ -18,13 +18,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import orjson
-from prometheus_client import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
-from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from service.error_budget import ErrorBudgetStore
@@ -34,6 +32,7 @@ from telemetry.setup import Telemetry
 
 STATS_KEY = "sr:stats:workers"
 METRICS_KEY = "sr:metrics:workers"
+EXPOSITION_FIELD = "openmetrics"  # releases before exemplars published "text" (0.0.4) instead
 WORKER_LABEL = "worker"
 PUBLISH_INTERVAL_SECONDS = 2.0
 FRESH_FOR_SECONDS = 15.0
@@ -56,24 +55,10 @@ def local_snapshot(telemetry: Telemetry) -> dict[str, Any]:
     return snapshot
 
 
-class _Collected:
-    """Families collected once, rendered in both formats."""
-
-    def __init__(self, families: list[Metric]) -> None:
-        self.families = families
-
-    def collect(self) -> list[Metric]:
-        return self.families
-
-
-def expositions(telemetry: Telemetry) -> tuple[str, str]:
-    """This worker's metrics in text format 0.0.4 and in OpenMetrics (which carries the
-    exemplars), from one collection."""
-    collected = _Collected(list(telemetry.registry.collect()))
-    return (
-        generate_latest(collected).decode(),
-        openmetrics_latest(collected).decode(),  # type: ignore[no-untyped-call]
-    )
+def exposition(telemetry: Telemetry) -> str:
+    """This worker's metrics in OpenMetrics, exemplars included."""
+    text: bytes = openmetrics_latest(telemetry.registry)  # type: ignore[no-untyped-call]
+    return text.decode()
 
 
 class StatsPublisher:
@@ -113,12 +98,11 @@ class StatsPublisher:
     async def publish(self) -> None:
         now = time.time()
         payload = orjson.dumps({"at": now, "snapshot": local_snapshot(self.telemetry)})
-        text, openmetrics = expositions(self.telemetry)
-        exposition = orjson.dumps({"at": now, "text": text, "openmetrics": openmetrics})
+        published = orjson.dumps({"at": now, EXPOSITION_FIELD: exposition(self.telemetry)})
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(STATS_KEY, self.telemetry.instance_id, payload)
             pipe.expire(STATS_KEY, int(FRESH_FOR_SECONDS * 4))
-            pipe.hset(METRICS_KEY, self.telemetry.instance_id, exposition)
+            pipe.hset(METRICS_KEY, self.telemetry.instance_id, published)
             pipe.expire(METRICS_KEY, int(FRESH_FOR_SECONDS * 4))
             await pipe.execute()
 
@@ -155,7 +139,7 @@ async def other_workers(
         if now - float(published.get("at", 0)) > FRESH_FOR_SECONDS:
             stale.append(name)  # a worker that stopped without saying goodbye
             continue
-        if field in published:  # a worker of an older release publishes no OpenMetrics
+        if field in published:  # not a worker of a release that publishes something else
             snapshots.append((name, published[field]))
     if stale:
         await redis.hdel(key, *stale)
@@ -163,19 +147,18 @@ async def other_workers(
 
 
 class Combined:
-    """A collector replaying several workers' expositions, each series labelled by worker.
+    """A collector replaying several workers' OpenMetrics expositions, each series labelled by
+    worker; the samples keep their exemplars through the merge. Rendered in text format 0.0.4,
+    the merge is what merging the workers' 0.0.4 expositions was, byte for byte
+    (``tests/telemetry/test_exemplars.py`` holds it to that)."""
 
-    Text format 0.0.4 by default; ``openmetrics=True`` parses OpenMetrics, whose samples keep
-    their exemplars through the merge."""
-
-    def __init__(self, expositions: list[tuple[str, str]], *, openmetrics: bool = False) -> None:
+    def __init__(self, expositions: list[tuple[str, str]]) -> None:
         self.expositions = expositions
-        self.parse = openmetrics_families if openmetrics else text_string_to_metric_families
 
     def collect(self) -> Iterator[Metric]:
         families: dict[str, Metric] = {}
         for worker, text in self.expositions:
-            for family in self.parse(text):
+            for family in openmetrics_families(text):  # type: ignore[no-untyped-call]
                 merged = families.get(family.name)
                 if merged is None:
                     merged = Metric(family.name, family.documentation, family.type, family.unit)
