@@ -10,6 +10,7 @@ import orjson
 from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -23,6 +24,7 @@ from service.workers import (
     Combined,
     exposition,
     local_snapshot,
+    merge_openmetrics,
     other_workers,
 )
 from telemetry.fairness import merge_fairness
@@ -78,10 +80,8 @@ async def metrics(request: Request, resources: ResourcesDep) -> Response:
     the latency histograms' buckets; otherwise text format 0.0.4, which has no place for them.
     """
     telemetry = resources.telemetry
-    encode, content_type = choose_encoder(request.headers.get("accept", ""))
-    if not content_type.startswith(OPENMETRICS):
-        encode, content_type = generate_latest, CONTENT_TYPE_LATEST
-    # Every worker's exposition in OpenMetrics (what they publish), rendered as asked.
+    _, asked = choose_encoder(request.headers.get("accept", ""))
+    # Every worker's exposition in OpenMetrics (what they publish), answered as asked.
     expositions = [(telemetry.instance_id, exposition(telemetry))]
     redis = resources.cache.redis
     if redis is not None:
@@ -90,6 +90,9 @@ async def metrics(request: Request, resources: ResourcesDep) -> Response:
                 other_workers(redis, telemetry.instance_id, METRICS_KEY, EXPOSITION_FIELD),
                 timeout=1.0,
             )
+    if asked.startswith(OPENMETRICS):
+        # OpenMetrics 1.0.0 with the default (underscores) escaping is what workers render.
+        return Response(merge_openmetrics(expositions), media_type=OPENMETRICS_CONTENT_TYPE)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Combined(expositions))
-    return Response(encode(registry), media_type=content_type)
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
