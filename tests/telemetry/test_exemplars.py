@@ -32,6 +32,7 @@ from service.workers import WORKER_LABEL, Combined, exposition, merge_openmetric
 from telemetry.exemplars import ExemplarPrometheusReader, exemplar_context
 from telemetry.metrics import DURATION_BUCKETS_SECONDS
 from tests.conftest import Api, RunningApi, app_settings
+from tests.reports.test_hits import hits_of
 
 PREFIX = "/api/v1/optimized-reports"
 OPENMETRICS = {"Accept": "application/openmetrics-text; version=1.0.0"}
@@ -193,6 +194,19 @@ async def test_a_sampled_request_is_the_exemplar_of_its_buckets(
     for sample in all_exemplars(text):
         assert sample.exemplar is not None
         assert sample.exemplar.labels["trace_id"] in exported, sample
+
+    # A hit answered by the hit path (before FastAPI) is measured by the same middleware.
+    hits = hits_of(api)
+    answered = hits.answered
+    hit = await api.report("dashboard", salon_id=data["lisbon"])
+    assert hit.headers["x-cache"] == "HIT"
+    assert hits.answered == answered + 1
+    hit_traces = {
+        sample.exemplar.labels["trace_id"]
+        for sample in exemplars(await openmetrics(api), REQUESTS)
+        if sample.labels["http_route"] == route and sample.exemplar is not None
+    }
+    assert hit.headers["x-trace-id"] in hit_traces
 
     # Text format 0.0.4, as before: no exemplars, same content type.
     plain = await api.get("/metrics")
