@@ -90,26 +90,63 @@ def _bind(scope: Scope, period: Period, **extra: Any) -> dict[str, Any]:
     return params
 
 
-def rollup_ranges(period: Period) -> dict[str, date]:
-    """The period as whole months plus a head and a tail of single days, half-open each.
+def _next_month(month: date) -> date:
+    return (month.replace(day=28) + timedelta(days=4)).replace(day=1)
 
-    2026-01-15 .. 2026-04-10 is the days [01-15, 02-01), the months [02-01, 04-01) and the
-    days [04-01, 04-11); a period inside one month is all head. Empty ranges have from = to.
+
+def rollup_ranges(period: Period) -> dict[str, date]:
+    """The period as a run of whole months plus or minus a few single days, half-open each.
+
+    Each ragged end is read whichever way touches fewer days: its own days from the daily
+    rollup, or its whole month from the monthly one minus the month's days outside the period
+    (subtracted: the counters are plain sums, so this is exact). 2026-01-15 .. 2026-04-10 is
+    the days [01-15, 02-01), the months [02-01, 04-01) and the days [04-01, 04-11);
+    2025-12-03 .. 2026-12-02 is the months [2025-12-01, 2026-12-01) minus the days
+    [12-01, 12-03), plus the days [2026-12-01, 12-03) — 2 + 2 days instead of 29 + 2. A period
+    inside one month is its days, or the month minus the days on either side. Empty ranges
+    have from = to.
     """
-    after_end = period.end + timedelta(days=1)
-    first_month = period.start
-    if first_month.day != 1:
-        first_month = (first_month.replace(day=28) + timedelta(days=4)).replace(day=1)
-    end_month = after_end.replace(day=1)
-    if first_month >= end_month:
-        first_month = end_month = after_end
+    start, after_end = period.start, period.end + timedelta(days=1)
+    start_month, end_month = start.replace(day=1), after_end.replace(day=1)
+    head = (start, start)
+    tail = (after_end, after_end)
+    cut_head = (start, start)
+    cut_tail = (after_end, after_end)
+    if start_month == end_month:  # inside one month
+        month_after = _next_month(start_month)
+        inside = (after_end - start).days
+        outside = (start - start_month).days + (month_after - after_end).days
+        if outside < inside:
+            months = (start_month, month_after)
+            cut_head, cut_tail = (start_month, start), (after_end, month_after)
+        else:
+            months, head = (start_month, start_month), (start, after_end)
+    else:
+        month_from, month_to = start_month, end_month
+        if start != start_month:
+            month_after = _next_month(start_month)
+            if (start - start_month).days < (month_after - start).days:
+                cut_head = (start_month, start)
+            else:
+                month_from, head = month_after, (start, month_after)
+        if after_end != end_month:
+            month_after = _next_month(end_month)
+            if (month_after - after_end).days < (after_end - end_month).days:
+                month_to, cut_tail = month_after, (after_end, month_after)
+            else:
+                tail = (end_month, after_end)
+        months = (month_from, month_to)
     return {
-        "head_from": period.start,
-        "head_to": first_month,
-        "month_from": first_month,
-        "month_to": end_month,
-        "tail_from": end_month,
-        "tail_to": after_end,
+        "month_from": months[0],
+        "month_to": months[1],
+        "head_from": head[0],
+        "head_to": head[1],
+        "tail_from": tail[0],
+        "tail_to": tail[1],
+        "cut_head_from": cut_head[0],
+        "cut_head_to": cut_head[1],
+        "cut_tail_from": cut_tail[0],
+        "cut_tail_to": cut_tail[1],
     }
 
 
@@ -275,11 +312,13 @@ def _rollup_days(selected: _Selected) -> str:
 
 
 def _rollup_totals(dimension: str, selected: _Selected) -> str:
-    """Per-service or per-professional totals of the period: its whole months from the
-    monthly rollup, its head and tail days from the daily one; keys with no bookings left out.
+    """Per-service or per-professional totals of the period: its months from the monthly
+    rollup, plus its head and tail days and minus the days of those months outside the period
+    from the daily one (``rollup_ranges``); keys with no bookings left out.
     """
     key = f"{dimension}_id"
     columns = ", ".join(_COUNTERS)
+    negated = ", ".join(f"-{column}" for column in _COUNTERS)
     sums = ", ".join(f"sum({column}) AS {column}" for column in _COUNTERS)
     return f"""
         SELECT {key}, {selected.columns()}
@@ -293,6 +332,12 @@ def _rollup_totals(dimension: str, selected: _Selected) -> str:
                 UNION ALL
                 SELECT {key}, {columns} FROM {dimension}_day_rollups
                 WHERE day >= :tail_from AND day < :tail_to
+                UNION ALL
+                SELECT {key}, {negated} FROM {dimension}_day_rollups
+                WHERE day >= :cut_head_from AND day < :cut_head_to
+                UNION ALL
+                SELECT {key}, {negated} FROM {dimension}_day_rollups
+                WHERE day >= :cut_tail_from AND day < :cut_tail_to
             ) AS buckets
             GROUP BY {key}
         ) AS totals

@@ -164,6 +164,9 @@ EXAMPLE_CASES = (
     Case(EDGES, 4, MARCH),  # Sydney: ties in top services, categories and revenue rank
     Case(EDGES, 4, Period(date(2026, 4, 1), date(2026, 4, 30))),  # Sydney, DST ends
     Case(EDGES, None, Period(date(2026, 2, 1), date(2026, 12, 31))),  # platform, most of a year
+    # platform, March and April minus a day at either end (rollup_ranges subtracts those days:
+    # Lisbon's 1 March 00:00 and Sydney's 30 April bookings are in them)
+    Case(EDGES, None, Period(date(2026, 3, 2), date(2026, 4, 29))),
     Case(EDGES, 3, Period(date(2026, 6, 1), date(2026, 6, 30))),  # empty period
     Case(Dataset(), None, Period(date(2026, 1, 1), date(2026, 1, 1))),  # empty database
 )
