@@ -16,6 +16,14 @@ ANALYZE``): a new or edited migration (a rollup table, say) or another generator
 a database built by older code, and a database migrated by another branch is rebuilt rather
 than half-migrated. Two benchmark processes starting together serialise on an advisory lock.
 
+The derived tables of the change stream (the rollups, the visit pairs, the first bookings) are
+computed from ``bookings`` when the dataset is built, and on reuse when they are still empty
+(a dataset built before this step): the platform-wide reports and the client counts read them,
+and nothing else fills them until a server's change-stream consumer starts on the database.
+No replication slot is created (an unread slot on a benchmark database would hold WAL back);
+the stream stays ``uninitialised``, so a server started on the database later rebuilds them
+with its own slot, as on any new database.
+
 Two variables change it: ``BENCH_BOOKINGS`` (default 1,000,000: e.g. 5000000 for the scaling
 figures) and ``BENCH_DATABASE`` (default ``salon_reports_bench``; another name keeps a second
 dataset, or one's own on a shared server, beside the first).
@@ -40,6 +48,7 @@ import psycopg
 from alembic.util.exc import CommandError
 from psycopg import sql
 
+from service.changes import derived
 from service.config import get_settings
 from service.db import MIGRATIONS_DIR, libpq_url, migrate, with_database
 from service.tools import seed as seed_module
@@ -143,6 +152,36 @@ def _booking_count(url: str) -> int | None:
     return None if row is None else int(row[0])
 
 
+def _derived_filled(url: str) -> bool:
+    """Whether the derived tables hold the bookings (or a server's stream maintains them)."""
+    with psycopg.connect(libpq_url(url)) as connection:
+        row = connection.execute(
+            "SELECT (SELECT state FROM change_stream_position),"
+            " EXISTS (SELECT 1 FROM platform_day_rollups), EXISTS (SELECT 1 FROM bookings)"
+        ).fetchone()
+    assert row is not None
+    state, rolled_up, booked = row
+    return state != "uninitialised" or rolled_up or not booked
+
+
+def fill_derived(url: str, log: Any = print) -> float:
+    """Compute every derived table from ``bookings`` (no slot), then ``VACUUM ANALYZE`` them."""
+    started = time.perf_counter()
+    with psycopg.connect(libpq_url(url)) as connection:
+        for table in derived.TABLES:
+            connection.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
+            connection.execute(
+                f"INSERT INTO {table} ({derived.columns_of(table)}) {derived.recompute_sql(table)}"
+            )
+        connection.commit()
+    with psycopg.connect(libpq_url(url), autocommit=True) as connection:
+        tables = sql.SQL(", ").join(map(sql.Identifier, derived.TABLES))
+        connection.execute(sql.SQL("VACUUM (ANALYZE) {}").format(tables))
+    seconds = time.perf_counter() - started
+    log(f"benchmark database {BENCH_DATABASE}: derived tables computed in {seconds:.1f} s")
+    return seconds
+
+
 def _database_exists(admin: psycopg.Connection[Any]) -> bool:
     row = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (BENCH_DATABASE,))
     return row.fetchone() is not None
@@ -179,6 +218,8 @@ def ensure_dataset(
                     # Migrated by a newer tree (another branch): this one cannot use it as is.
                     log(f"benchmark database {BENCH_DATABASE}: {error}; rebuilding it")
                 else:
+                    if not _derived_filled(url):
+                        fill_derived(url, log)
                     return Dataset(
                         url, params, seeded_on, params.bookings, True, time.perf_counter() - started
                     )
@@ -191,6 +232,7 @@ def ensure_dataset(
             migrate(url)
             seeded_on = datetime.now(UTC).date()
             log(seed_database(url, **asdict(params), today=seeded_on, progress=progress))
+            fill_derived(url, log)
             # The marker comes last: an interrupted build is never mistaken for a finished one.
             admin.execute(
                 sql.SQL("COMMENT ON DATABASE {} IS {}").format(
