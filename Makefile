@@ -17,7 +17,7 @@ REPLICA ?= 0
 PGBOUNCER ?= 0
 REDIS_CLUSTER ?= 0
 
-.PHONY: run test services services-for-tests stop lint bench loadtest chaos install ops-tools browser-tools clean
+.PHONY: run test services services-for-tests stop lint bench bench-scaling loadtest chaos install ops-tools browser-tools clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,10 +62,22 @@ lint: install
 	$(BIN)/mypy
 
 # Report queries vs the naive baseline (benchmarks/queries.py), then booking writes with the
-# change stream vs a bare twin table under pgbench (benchmarks/writes.py).
+# change stream vs a bare twin table under pgbench (benchmarks/writes.py). The dataset's size
+# and database (benchmarks/dataset.py): `make bench BENCH_BOOKINGS=5000000
+# BENCH_DATABASE=salon_reports_bench5m` measures the queries on 5 M bookings (built once, in its
+# own database, beside the 1 M one).
+BENCH_BOOKINGS ?= 1000000
+BENCH_DATABASE ?= salon_reports_bench
 bench: install services
-	$(BIN)/python -m benchmarks.queries
+	BENCH_BOOKINGS=$(BENCH_BOOKINGS) BENCH_DATABASE=$(BENCH_DATABASE) $(BIN)/python -m benchmarks.queries
 	$(BIN)/python -m benchmarks.writes --seconds $(BENCH_WRITES_SECONDS) --rounds $(BENCH_WRITES_ROUNDS)
+
+# The cold reports as data grows (benchmarks/scaling.py): database time of each report, busiest
+# salon and platform-wide, median of 5 cold 365-day windows, at 1 M and 5 M bookings (each
+# dataset built once; BENCH_SCALES=BOOKINGS:DATABASE,... to choose).
+BENCH_SCALES ?= 1000000:salon_reports_bench,5000000:salon_reports_bench5m
+bench-scaling: install services
+	$(BIN)/python -m benchmarks.scaling --scales $(BENCH_SCALES)
 
 loadtest: install services
 	@scripts/load-tools.sh
