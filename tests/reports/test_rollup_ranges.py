@@ -27,7 +27,8 @@ def _coverage(period: Period) -> tuple[Counter[date], int]:
     ranges = rollup_ranges(period)
     net: Counter[date] = Counter()
     month = ranges["month_from"]
-    assert month.day == 1 and ranges["month_to"].day == 1
+    assert month.day == 1
+    assert ranges["month_to"].day == 1
     assert month <= ranges["month_to"]
     while month < ranges["month_to"]:
         following = (month.replace(day=28) + timedelta(days=4)).replace(day=1)
