@@ -28,7 +28,7 @@ from service.reports.service import ReportService
 from service.schema_version import expected_revisions
 from service.workers import StatsPublisher
 from telemetry.metrics import Instruments, PoolGauges
-from telemetry.redis_spans import complete_redis_span
+from telemetry.redis_spans import complete_redis_span, trace_connections
 from telemetry.setup import Telemetry
 from telemetry.sql import SqlTelemetry
 
@@ -137,6 +137,7 @@ async def start_resources(
         RedisInstrumentor.instrument_client(
             redis, tracer_provider=telemetry.tracer_provider, response_hook=complete_redis_span
         )
+        trace_connections(redis, telemetry.tracer)
     breaker = CircuitBreaker(
         threshold=settings.redis_breaker_threshold, cooldown=settings.redis_breaker_cooldown
     )

@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
 from service.config import Settings
+from telemetry.background import untraced
 from tests.conftest import Api, RunningApi, app_settings
 from tests.factories import add_salon, small_dataset
 from tests.support import redis_client
@@ -133,3 +134,41 @@ async def test_the_first_request_says_where_its_time_went(
     # of the same shape: measured 1-3 times theirs; with FastAPI preparing its routes inside
     # the request, 5-11 times (medians of the three apps and of their later requests).
     assert statistics.median(firsts) < 4 * statistics.median(laters), (firsts, laters)
+
+
+async def test_a_redis_connection_a_request_opens_is_a_span_of_its_own(
+    api: Api, data: dict[str, int]
+) -> None:
+    redis = api.resources.cache.redis
+    assert redis is not None
+    publisher = api.resources.publisher
+    assert publisher is not None
+    await redis.connection_pool.disconnect()  # every connection of the pool closed
+    api.spans.clear()
+    with untraced():  # as the publisher's loop runs: its new connection is no span either
+        await publisher.publish()
+    assert api.spans.get_finished_spans() == ()
+    await redis.connection_pool.disconnect()
+    response = await api.report("dashboard", salon_id=data["lisbon"])
+    assert response.status_code == 200
+    spans = _trace(api, response.headers["x-trace-id"])
+    by_id = {span.context.span_id: span for span in spans}
+    connects = [
+        span
+        for span in spans
+        if span.name == "connect"
+        and span.attributes is not None
+        and span.attributes.get("db.system.name") == "redis"
+    ]
+    assert connects
+    for connect in connects:
+        assert connect.kind == SpanKind.CLIENT
+        assert connect.attributes is not None
+        assert {"db.namespace", "server.address", "server.port"} <= set(connect.attributes)
+        # A child of the command that had to open it, itself in the request's trace.
+        assert connect.parent is not None
+        command = by_id[connect.parent.span_id]
+        assert command.attributes is not None
+        assert command.attributes.get("db.system.name") == "redis"
+        assert command.name != "connect"
+    assert _server(spans).name == "GET /api/v1/optimized-reports/dashboard"
