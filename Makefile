@@ -53,8 +53,16 @@ run: install services
 	@scripts/banner.sh $(HOST) $(PORT)
 	@$(BIN)/salon-reports serve --host $(HOST) --port $(PORT)
 
+# The second pass runs the cache suite, the tenant-isolation tests and the chaos-Redis
+# scenarios again with SR_TEST_REDIS_CLUSTER=1: against the Redis Cluster of
+# services-for-tests (the chaos scenarios against a private cluster they kill a master of);
+# tests that need a single Redis of their own are skipped there with their reason.
+CLUSTER_TESTS := tests/test_cache.py tests/test_cache_contract.py tests/test_cache_faults.py \
+	tests/security tests/chaos/test_redis_faults.py
+
 test: install services-for-tests ops-tools browser-tools
 	$(BIN)/pytest
+	SR_TEST_REDIS_CLUSTER=1 $(BIN)/pytest $(CLUSTER_TESTS)
 
 lint: install
 	$(BIN)/ruff check service telemetry tests benchmarks migrations

@@ -1,10 +1,12 @@
-"""How Redis Cluster load spreads over the masters, and whether the ``{p}`` slot is hot.
+"""How Redis Cluster load spreads over the masters, and whether the platform's slots are hot.
 
-Every platform-wide entry lives in the one slot of the hash tag ``{p}``, and every change to any
-salon invalidates that scope as well. This drives the service's cache (``ReportCache``, the
-same code the app runs, without its in-process tier so every lookup reaches Redis) against the
-cluster of ``REDIS_CLUSTER_URL`` with a mix of report lookups and changes, and prints the
-commands each master served. The computation is a constant (this measures Redis, not SQL).
+Every change to any salon invalidates the platform-wide scope as well. Its entries once all
+lived in the one slot of the hash tag ``{p}``, whose master served 64 % of the commands; they
+are now spread over ``PLATFORM_SLOTS`` slot tags (``service/cache/keys.py``). This drives the
+service's cache (``ReportCache``, the same code the app runs, without its in-process tier so
+every lookup reaches Redis) against the cluster of ``REDIS_CLUSTER_URL`` with a mix of report
+lookups and changes, and prints the commands each master served. The computation is a constant
+(this measures Redis, not SQL).
 
     .venv/bin/python -m benchmarks.cluster_slots --lookups 20000 --platform-share 0.3
 """
@@ -23,7 +25,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from service.cache import ReportCache
-from service.cache.keys import build_key, scope_tag
+from service.cache.keys import PLATFORM_SLOT_TAGS, build_key
 
 REPORTS = ("dashboard", "bookings", "professionals")
 
@@ -38,8 +40,11 @@ async def run(lookups: int, platform_share: float, salons: int, writes_every: in
     for node in masters:
         await client.config_resetstat(target_nodes=node)
     cache = ReportCache(cast(Redis, client), reports=REPORTS)
-    holder = client.get_node_from_key(f"x:{scope_tag(None)}:y")
-    platform_master = None if holder is None else holder.name
+    platform_slots: dict[str, int] = {}  # master -> how many platform slot tags it serves
+    for tag in PLATFORM_SLOT_TAGS:
+        holder = client.get_node_from_key(f"x:{tag}:y")
+        if holder is not None:
+            platform_slots[holder.name] = platform_slots.get(holder.name, 0) + 1
     rng = random.Random(7)
     weights = [1 / (rank + 1) for rank in range(salons)]  # Zipf-like: a few busy salons
     body = orjson.dumps({"figures": list(range(50))})
@@ -74,9 +79,10 @@ async def run(lookups: int, platform_share: float, salons: int, writes_every: in
         f"lookups {lookups}, platform share {platform_share}, salons {salons}, "
         f"a change every {writes_every} lookups"
     )
+    print(f"  {total} commands in all")
     for name, count in sorted(served.items()):
-        mark = "  <- {p}" if name == platform_master else ""
-        print(f"  {name}: {count} commands ({count / total:.0%}){mark}")
+        slots = platform_slots.get(name, 0)
+        print(f"  {name}: {count} commands ({count / total:.0%}), {slots} platform slot tags")
 
 
 def main() -> None:

@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     redis_timeout: float = Field(0.25, alias="REPORTS_REDIS_TIMEOUT", gt=0)
     redis_breaker_threshold: int = Field(3, alias="REPORTS_REDIS_BREAKER_THRESHOLD", ge=1)
     redis_breaker_cooldown: float = Field(5.0, alias="REPORTS_REDIS_BREAKER_COOLDOWN", gt=0)
+    # After an invalidation's writes, WAIT until this many replicas have them (0: never; a node
+    # with no replica connected is not waited on), at most this long (service/cache/durability.py).
+    redis_wait_replicas: int = Field(1, alias="REPORTS_REDIS_WAIT_REPLICAS", ge=0)
+    redis_wait_timeout_ms: int = Field(100, alias="REPORTS_REDIS_WAIT_TIMEOUT_MS", ge=1, le=5000)
     cache_lock_lease: float = Field(15.0, alias="REPORTS_CACHE_LOCK_LEASE", gt=0)
     cache_local_entries: int = Field(5000, alias="REPORTS_CACHE_LOCAL_ENTRIES", ge=0)
     cache_local_max_age: float = Field(30.0, alias="REPORTS_CACHE_LOCAL_MAX_AGE", gt=0)

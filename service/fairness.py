@@ -51,10 +51,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from service.auth import Principal
+from service.cache.breaker import REDIS_ERRORS
 from service.errors import APIError
 from telemetry.fairness import FairnessCounts
 
@@ -145,7 +145,7 @@ class TenantLeases:
                 taken = await self._acquire(
                     keys=[self.key(tenant)], args=[token, limit, self.lease_ms]
                 )
-            except (TimeoutError, RedisError, OSError):
+            except REDIS_ERRORS:
                 self.breaker.failed()
                 return True
             self.breaker.succeeded()
@@ -158,7 +158,7 @@ class TenantLeases:
             delay = min(delay * 2, _POLL_MAX_SECONDS)
 
     async def release(self, tenant: Tenant, token: str) -> None:
-        with contextlib.suppress(TimeoutError, RedisError, OSError):  # the lease expires anyway
+        with contextlib.suppress(*REDIS_ERRORS):  # the lease expires anyway
             await self.redis.zrem(self.key(tenant), token)
 
 

@@ -11,11 +11,14 @@ from typing import cast
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
 from service.auth import TokenVerifier
 from service.cache import CircuitBreaker, LocalTier, ReportCache
+from service.cache.durability import ReplicaWait
 from service.cache.listener import InvalidationListener
 from service.changes.batch import Batch
 from service.changes.consumer import ChangeConsumer, StreamMonitor, StreamStatus
@@ -61,8 +64,13 @@ def _redis(settings: Settings) -> Redis | None:
     if settings.redis_cluster:
         # The cluster client speaks the same commands; every multi-key command and script of
         # the cache stays within one scope's hash tag, hence one slot (service/cache/keys.py).
+        # No retries in the client (as the single client's retry_on_timeout=False): a failed
+        # call reaches the circuit breaker at once; a dead master's or paused cluster's calls
+        # otherwise took about 1 s each (retried, the topology reloaded from a node that does
+        # not answer) and held requests that long. The next call reloads the topology.
         cluster = RedisCluster.from_url(
             settings.redis_url,
+            retry=Retry(NoBackoff(), 0),
             socket_timeout=settings.redis_timeout,
             socket_connect_timeout=settings.redis_timeout,
             health_check_interval=0,
@@ -151,6 +159,11 @@ async def start_resources(
         tracer=telemetry.tracer,
         local=LocalTier(settings.cache_local_entries, settings.cache_local_max_age),
         refresh_recent=settings.cache_refresh_recent,
+        durability=ReplicaWait(
+            settings.redis_wait_replicas,
+            settings.redis_wait_timeout_ms,
+            counts=telemetry.instruments.replica_waits,
+        ),
     )
     # The fair share between tenants, its limit shared through the same Redis (and its
     # circuit breaker: one Redis, one opinion of its health).

@@ -136,6 +136,8 @@ class Instruments:
     pools: list[PoolGauges] = field(default_factory=list)
     stream: StreamGauges | None = None
     fairness: FairnessCounts = field(default_factory=FairnessCounts)
+    # The invalidations' WAITs for a replica, by outcome (service/cache/durability.py).
+    replica_waits: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         meter = self.meter
@@ -184,6 +186,13 @@ class Instruments:
             callbacks=[self._cache_requests],
             unit="{request}",
             description="Report cache lookups by report and result.",
+        )
+        meter.create_observable_counter(
+            "reports.cache.invalidation.replica_waits",
+            callbacks=[self._replica_waits],
+            unit="{wait}",
+            description="WAITs for a Redis replica after an invalidation, by outcome"
+            " (acknowledged, timeout, no_replica).",
         )
         meter.create_observable_up_down_counter(
             "db.client.connection.count",
@@ -264,6 +273,10 @@ class Instruments:
     def _cache_requests(self, _: CallbackOptions) -> Iterable[Observation]:
         for (report, result), count in list(self.cache_counts.items()):
             yield Observation(count, {attr.REPORT_NAME: report, attr.CACHE_RESULT: result})
+
+    def _replica_waits(self, _: CallbackOptions) -> Iterable[Observation]:
+        for outcome, count in list(self.replica_waits.items()):
+            yield Observation(count, {"outcome": outcome})
 
     def _connection_count(self, _: CallbackOptions) -> Iterable[Observation]:
         for pool in self.pools:

@@ -49,6 +49,18 @@ def _worker_suffix() -> str:
     return os.environ.get("PYTEST_XDIST_WORKER", "main")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The cluster pass (``SR_TEST_REDIS_CLUSTER=1``) skips, with their reason, the tests that
+    need a single Redis server of their own (``single_redis``): they ran in the first pass."""
+    if cluster_url() is None:
+        return
+    for item in items:
+        marker = item.get_closest_marker("single_redis")
+        if marker is not None:
+            reason = marker.args[0] if marker.args else "needs a single Redis server"
+            item.add_marker(pytest.mark.skip(reason=f"not on a Redis Cluster: {reason}"))
+
+
 @pytest.fixture(scope="session")
 def base_settings() -> Settings:
     return Settings()  # type: ignore[call-arg]

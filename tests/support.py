@@ -4,6 +4,7 @@ invalidation listener with the tests' hooks (``settle``, ``drop_connection``).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 import redis
+import redis.asyncio
 from sqlalchemy import event
 
 from service.cache.listener import CHANNEL, InvalidationListener
@@ -48,6 +50,15 @@ def redis_client(url: str) -> redis.Redis:
 
         return RedisCluster.from_url(url)  # type: ignore[return-value]
     return redis.Redis.from_url(url)
+
+
+def async_redis_client(url: str) -> redis.asyncio.Redis:
+    """``redis_client`` for asyncio code."""
+    if url == cluster_url():
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(url)  # type: ignore[return-value]
+    return redis.asyncio.Redis.from_url(url)
 
 
 def free_port() -> int:
@@ -192,3 +203,140 @@ class SettlingListener(InvalidationListener):
         for entry in [entry for entry in self._seen if entry[0] <= applied]:
             self._seen.remove(entry)
             entry[1].set()
+
+
+class RedisClusterProcesses:
+    """A private Redis Cluster (3 masters, 3 replicas) on free loopback ports, for tests that
+    kill or pause its nodes (never the shared one of ``make services``).
+
+    Each node keeps its ``nodes.conf`` in a directory of its own, so a killed master started
+    again rejoins as a replica of the one promoted in its place. A short node timeout (2 s, as
+    in ``scripts/services.sh``) makes that promotion take seconds.
+    """
+
+    def __init__(self) -> None:
+        self.nodes = [RedisProcess() for _ in range(6)]
+        for node in self.nodes:
+            node.options = (
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "2000",
+                "--cluster-port", str(free_port()),
+            )  # fmt: skip
+        self.killed: RedisProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        binary = shutil.which("redis-cli")
+        assert binary, "redis-cli is not installed; run `make services`"
+        subprocess.run(
+            [
+                binary,
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{node.port}" for node in self.nodes],
+                "--cluster-replicas",
+                "1",
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+        self.wait_ok()
+        self.wait_replicating()
+
+    def wait_replicating(self, timeout: float = 30.0) -> None:
+        """Until every live replica's link to its master is up (a replica is promoted only
+        then; ``--cluster create`` returns before the replicas have synchronised)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            roles = []
+            with contextlib.suppress(redis.RedisError):
+                for node in self.nodes:
+                    if node.process is not None:
+                        with redis.Redis(port=node.port) as client:
+                            roles.append(client.info("replication"))
+            replicas = [info for info in roles if info.get("role") == "slave"]
+            if len(replicas) >= 3 - (self.killed is not None) and all(
+                info.get("master_link_status") == "up" for info in replicas
+            ):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the Redis Cluster's replicas did not synchronise")
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every live node says the cluster is ok and every slot is served."""
+        deadline = time.monotonic() + timeout
+        live = [node for node in self.nodes if node.process is not None]
+        while time.monotonic() < deadline:
+            infos = []
+            with contextlib.suppress(redis.RedisError):
+                for node in live:
+                    with redis.Redis(port=node.port) as client:
+                        infos.append(client.cluster("INFO"))
+            if len(infos) == len(live) and all(
+                info.get("cluster_state") == "ok" and int(info.get("cluster_slots_ok", 0)) == 16384
+                for info in infos
+            ):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the Redis Cluster did not become ready")
+
+    def masters(self) -> list[RedisProcess]:
+        found = []
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            with contextlib.suppress(redis.RedisError), redis.Redis(port=node.port) as client:
+                if client.info("replication")["role"] == "master":
+                    found.append(node)
+        return found
+
+    def master_of(self, key: str) -> RedisProcess:
+        """The node that serves the slot of ``key`` now."""
+        client = redis.RedisCluster(host="127.0.0.1", port=self.masters()[0].port)
+        try:
+            serving = client.get_node_from_key(key)
+            return next(node for node in self.nodes if node.port == serving.port)
+        finally:
+            client.close()
+
+    def kill(self, key: str = "{s:1}") -> None:
+        """SIGKILL the master of ``key``'s slot (its replica is promoted after the timeout)."""
+        self.killed = self.master_of(key)
+        self.killed.kill()
+
+    def restart_killed(self) -> None:
+        """Start the killed node again (it rejoins as a replica) and wait for a settled cluster."""
+        assert self.killed is not None
+        self.killed.start()
+        self.killed = None
+        self.wait_ok()
+        self.wait_replicating()
+
+    def pause(self, milliseconds: int) -> None:
+        """``CLIENT PAUSE ALL`` on every master: every command of the service hangs."""
+        for node in self.masters():
+            with redis.Redis(port=node.port) as client:
+                client.client_pause(milliseconds, all=True)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@contextmanager
+def redis_cluster_processes() -> Iterator[RedisClusterProcesses]:
+    cluster = RedisClusterProcesses()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -31,7 +31,6 @@ from typing import Any
 import psycopg
 import pytest
 import redis
-from redis.asyncio import Redis
 
 from service.cache import NAMESPACE, ReportCache, build_key, scope_tag
 from service.config import Settings
@@ -41,7 +40,7 @@ from service.reports import queries
 from service.reports.names import CACHED_REPORTS
 from tests.conftest import Api, RunningApi, app_settings
 from tests.factories import add_booking, add_professional, add_salon, add_service, small_dataset
-from tests.support import RedisProcess, redis_process
+from tests.support import RedisProcess, async_redis_client, redis_client, redis_process
 
 REPORTS = ("dashboard", "bookings", "professionals")
 
@@ -91,7 +90,7 @@ async def dashboard_total(api: Api, salon: int | None) -> tuple[int, str]:
 
 
 def redis_names(url: str, pattern: str) -> list[bytes]:
-    client = redis.Redis.from_url(url)
+    client = redis_client(url)
     try:
         return list(client.scan_iter(match=pattern, count=500))
     finally:
@@ -99,7 +98,7 @@ def redis_names(url: str, pattern: str) -> list[bytes]:
 
 
 def delete_names(url: str, names: list[bytes]) -> None:
-    client = redis.Redis.from_url(url)
+    client = redis_client(url)
     try:
         if names:
             client.delete(*names)
@@ -211,6 +210,9 @@ async def test_an_evicted_epoch_never_lets_an_old_computation_store(
     assert (await dashboard_total(api, salon))[0] == 6
 
 
+@pytest.mark.single_redis(
+    "it fills a private 8 MB single Redis past its maxmemory (one server's memory policy)"
+)
 async def test_redis_at_maxmemory_with_allkeys_lru_costs_misses_never_stale_hits(
     base_settings: Settings, database_url: str, data: dict[str, int], db: psycopg.Connection
 ) -> None:
@@ -284,7 +286,7 @@ async def test_a_request_told_of_a_change_never_joins_a_computation_from_before_
 async def test_clear_all_stops_every_computation_begun_before_it(redis_url: str) -> None:
     """A scope never invalidated before: its computation in flight neither stores after an
     admin clear nor is joined by a request made after it."""
-    client = Redis.from_url(redis_url)
+    client = async_redis_client(redis_url)
     cache = ReportCache(client, reports=CACHED_REPORTS)
     key = build_key("dashboard", 7, "admin", {"start": "2026-01-01", "end": "2026-01-31"})
     read, release = asyncio.Event(), asyncio.Event()
@@ -321,6 +323,10 @@ async def _notify(dsn: str, payload: str) -> None:
         await connection.execute("SELECT pg_notify('bookings_changed', %s)", (payload,))
 
 
+@pytest.mark.single_redis(
+    "it holds a private single Redis's writes with CLIENT PAUSE WRITE;"
+    " on a cluster every master paused: tests/chaos/test_redis_faults.py"
+)
 async def test_local_copies_go_the_moment_the_notification_arrives(
     base_settings: Settings, database_url: str, data: dict[str, int], dsn: str
 ) -> None:
@@ -351,6 +357,10 @@ async def test_local_copies_go_the_moment_the_notification_arrives(
             client.close()
 
 
+@pytest.mark.single_redis(
+    "it holds a private single Redis's writes with CLIENT PAUSE WRITE;"
+    " on a cluster every master paused: tests/chaos/test_redis_faults.py"
+)
 async def test_a_told_worker_serves_no_redis_entry_its_invalidation_has_not_reached(
     base_settings: Settings, database_url: str, data: dict[str, int], db: psycopg.Connection
 ) -> None:
@@ -561,7 +571,7 @@ async def test_a_recomputation_overtaken_by_a_change_is_never_stored(
 async def test_a_key_read_near_its_expiry_is_refreshed_ahead_of_it(redis_url: str) -> None:
     """Read in the last tenth of its TTL, an entry is recomputed in the background; the read
     itself is a HIT and the next one gets the new computation, fresh for another TTL."""
-    client = Redis.from_url(redis_url)
+    client = async_redis_client(redis_url)
     now = [1_000_000.0]
     cache = ReportCache(client, reports=CACHED_REPORTS, clock=lambda: now[0], refresh_recent=120.0)
     key = build_key("dashboard", 7, "admin", {"start": "2026-02-01", "end": "2026-02-28"})
@@ -809,7 +819,7 @@ async def test_randomized_writes_reads_evictions_and_reconnects_keep_the_contrac
                 await asyncio.sleep(reader_rng.uniform(0, 0.03))
 
         async def disturb() -> None:
-            client = Redis.from_url(redis_url)
+            client = async_redis_client(redis_url)
             try:
                 while not done.is_set():
                     await asyncio.sleep(rng.uniform(0.1, 0.6))

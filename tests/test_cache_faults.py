@@ -7,7 +7,6 @@ import time
 
 import psycopg
 import pytest
-import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.cache import NAMESPACE
@@ -16,11 +15,11 @@ from service.config import Settings
 from service.db import async_engine
 from tests.conftest import RunningApi, app_settings, settle_stream
 from tests.factories import small_dataset
-from tests.support import redis_process
+from tests.support import redis_client, redis_process
 
 
 def lock_keys(url: str) -> list[str]:
-    client = redis.Redis.from_url(url)
+    client = redis_client(url)
     try:
         return [name.decode() for name in client.scan_iter(match=f"{NAMESPACE}:*:lock")]
     finally:
@@ -77,6 +76,9 @@ async def test_cached_answers_outlive_a_database_outage_that_drops_the_listener(
             api.resources.cache.listener_healthy = True
 
 
+@pytest.mark.single_redis(
+    "it kills a private single Redis; the admin clear on a cluster: tests/test_redis_cluster.py"
+)
 async def test_cache_clear_with_redis_down_is_a_clean_503(
     base_settings: Settings, database_url: str, db: psycopg.Connection
 ) -> None:
@@ -127,7 +129,7 @@ async def test_a_lock_left_behind_holds_requests_back_only_briefly(
     async with RunningApi(settings) as api:
         first = await api.report("dashboard", salon_id=salon)
         assert first.status_code == 200
-        client = redis.Redis.from_url(redis_url)
+        client = redis_client(redis_url)
         try:
             entries = [
                 name.decode()

@@ -12,23 +12,29 @@ import asyncio
 import contextlib
 import os
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
 import redis
 from dotenv import dotenv_values
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import ClusterNode, RedisCluster
 
-from service.cache.keys import EVERY_KEY
+from service.cache import CacheKey, CacheResult, ReportCache, build_key
+from service.cache.durability import ReplicaWait
+from service.cache.keys import EVERY_KEY, PLATFORM_SLOT_TAGS
 from service.config import Settings
 from service.paths import API_PREFIX
+from service.reports.names import CACHED_REPORTS
 from tests.conftest import Api, RunningApi, app_settings
 from tests.factories import add_booking, small_dataset
-from tests.support import SqlCounter
+from tests.support import SqlCounter, redis_process
 
 
 def _cluster_url() -> str | None:
@@ -232,3 +238,162 @@ async def test_a_killed_master_is_replaced_and_nothing_wrong_is_served(
         finally:
             subprocess.run(command, check=True)  # back, as a replica of the promoted one
             _wait_replicating(master.host, master.port)
+
+
+# -- the platform's slots, and WAIT after an invalidation ----------------------------------
+
+
+async def _constant() -> bytes:
+    return b'{"computed":1}'
+
+
+def _replica_of(cluster: RedisCluster, key: str) -> ClusterNode:
+    """The replica of the master that serves ``key``'s slot."""
+    master = cluster.get_node_from_key(key)
+    for node in cluster.get_nodes():
+        info = cluster.info("replication", target_nodes=node)
+        if info.get("role") == "slave" and int(info["master_port"]) == master.port:
+            return node
+    raise AssertionError(f"no replica of {master.name}")
+
+
+def _busy(port: int, seconds: float, started: threading.Event) -> None:
+    """Keep a node's only thread in a script for ``seconds``: it applies nothing of its
+    master's replication stream (nor acknowledges it) meanwhile."""
+    client = redis.Redis(port=port)
+    try:
+        started.set()
+        client.eval(
+            "local t = redis.call('TIME'); local stop = t[1] * 1e6 + t[2] + ARGV[1] "
+            "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] >= stop return 1",
+            0,
+            int(seconds * 1_000_000),
+        )
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def _replica_held(port: int, seconds: float) -> Iterator[None]:
+    started = threading.Event()
+    thread = threading.Thread(target=_busy, args=(port, seconds, started))
+    thread.start()
+    started.wait(5)
+    time.sleep(0.2)  # the script is running (if not yet, the replica is only faster)
+    try:
+        yield
+    finally:
+        thread.join(30)
+
+
+def _readonly(node: ClusterNode) -> redis.Redis:
+    client = redis.Redis(host=node.host, port=node.port)
+    client.execute_command("READONLY")
+    return client
+
+
+async def test_platform_entries_spread_over_slots_and_a_change_reaches_every_one(
+    cluster: RedisCluster,
+) -> None:
+    """Platform-wide entries land on several slots (and masters); a change to any salon
+    deletes the platform's epochs in every one of them, and nothing of another salon."""
+    client = AsyncRedisCluster.from_url(str(_cluster_url()))
+    cache = ReportCache(cast(AsyncRedis, client), reports=CACHED_REPORTS)
+    reports = ("dashboard", "bookings", "professionals")
+    platform = [
+        build_key(report, None, "admin", {"start": f"2026-01-{day:02d}"})
+        for report in reports
+        for day in range(1, 11)
+    ]
+    salon = build_key("dashboard", 7, "admin", {})
+    try:
+        for key in [*platform, salon]:
+            assert (await cache.fetch(key, 600, _constant)).result == CacheResult.MISS
+        assert len({cluster.keyslot(key.key) for key in platform}) > 1
+        assert len({cluster.get_node_from_key(key.key).name for key in platform}) > 1
+        epochs = [
+            CacheKey.of_scope(report, tag).epoch_key
+            for tag in PLATFORM_SLOT_TAGS
+            for report in reports
+        ]
+        used = {key.epoch_key for key in platform}
+        assert {name for name in epochs if cluster.exists(name)} == used
+
+        cache.announce({8})
+        await cache.apply_announced()
+
+        assert [name for name in epochs if cluster.exists(name)] == []
+        for key in platform:
+            assert (await cache.fetch(key, 600, _constant)).result == CacheResult.MISS
+        assert (await cache.fetch(salon, 600, _constant)).result == CacheResult.HIT
+    finally:
+        await cache.close()
+        await client.aclose()
+
+
+async def test_an_invalidation_is_on_the_replica_when_it_returns(cluster: RedisCluster) -> None:
+    """The replica of the salon's master is held busy (it applies nothing of the replication
+    stream meanwhile): the invalidation returns only once the replica has it (WAIT)."""
+    client = AsyncRedisCluster.from_url(str(_cluster_url()))
+    durability = ReplicaWait(replicas=1, timeout_ms=5000)
+    cache = ReportCache(cast(AsyncRedis, client), reports=CACHED_REPORTS, durability=durability)
+    key = build_key("dashboard", 7, "admin", {})
+    master = cluster.get_node_from_key(key.epoch_key)
+    replica = _readonly(_replica_of(cluster, key.epoch_key))
+    try:
+        await cache.fetch(key, 600, _constant)
+        for _ in range(200):  # the entry's epoch has reached the replica
+            if replica.get(key.epoch_key) is not None:
+                break
+            time.sleep(0.05)
+        assert replica.get(key.epoch_key) is not None
+        with _replica_held(replica.get_connection_kwargs()["port"], 1.5):
+            before = int(cluster.info("replication", target_nodes=master)["master_repl_offset"])
+            await cache.invalidate(7)
+            # The master's view of its replica right when the call returned: the replica has
+            # acknowledged what the master wrote after ``before``, the invalidation (a held
+            # replica acknowledges nothing on its own).
+            info = cluster.info("replication", target_nodes=master)
+            assert int(info["slave0"]["offset"]) > before, info
+            assert replica.get(key.epoch_key) is None  # read on the replica itself
+        assert durability.counts == {"acknowledged": 1}
+    finally:
+        replica.close()
+        await cache.close()
+        await client.aclose()
+
+
+async def test_a_wait_that_times_out_is_counted_and_logged(
+    cluster: RedisCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = AsyncRedisCluster.from_url(str(_cluster_url()))
+    durability = ReplicaWait(replicas=1, timeout_ms=100)
+    cache = ReportCache(cast(AsyncRedis, client), reports=CACHED_REPORTS, durability=durability)
+    key = build_key("dashboard", 7, "admin", {})
+    replica = _replica_of(cluster, key.epoch_key)
+    try:
+        await cache.fetch(key, 600, _constant)
+        with _replica_held(replica.port, 1.5):
+            await cache.invalidate(7)
+        assert durability.counts == {"timeout": 1}
+        assert "reached 0 of 1 replicas" in caplog.text
+        assert not cluster.exists(key.epoch_key)  # done on the master all the same
+    finally:
+        await cache.close()
+        await client.aclose()
+
+
+async def test_a_single_redis_without_a_replica_is_not_waited_on() -> None:
+    with redis_process() as server:
+        client = AsyncRedis.from_url(server.url)
+        durability = ReplicaWait(replicas=1, timeout_ms=5000)
+        cache = ReportCache(client, reports=CACHED_REPORTS, durability=durability)
+        key = build_key("dashboard", 7, "admin", {})
+        try:
+            await cache.fetch(key, 600, _constant)
+            await cache.invalidate(7)
+            assert durability.counts == {"no_replica": 1}
+            assert (await cache.fetch(key, 600, _constant)).result == CacheResult.MISS
+        finally:
+            await cache.close()
+            await client.aclose()

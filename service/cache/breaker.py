@@ -12,12 +12,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 logger = logging.getLogger("service.cache")
 
-# What a Redis call raises when Redis is down, slow or unreachable.
-REDIS_ERRORS = (TimeoutError, RedisError, OSError)
+# What a Redis call raises when Redis is down, slow or unreachable. redis-py's cluster client
+# raises RedisClusterException (not a RedisError) when no node of the cluster answers.
+REDIS_ERRORS = (TimeoutError, RedisError, RedisClusterException, OSError)
 
 
 @dataclass

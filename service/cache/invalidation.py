@@ -14,15 +14,23 @@ meanwhile), and nothing begun before the clear can store after it.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from service.cache.breaker import CircuitBreaker
-from service.cache.keys import EVERY_KEY, PLATFORM_TAG, cleared_by, is_entry, scope_tag
-from service.cache.scripts import Scripts
+from service.cache.durability import SINGLE, ReplicaWait
+from service.cache.keys import (
+    EVERY_KEY,
+    PLATFORM_TAG,
+    cleared_by,
+    is_entry,
+    scope_tag,
+    slot_tags,
+)
+from service.cache.scripts import INVALIDATE, Scripts, scope_keys
 
 SCAN_BATCH = 500
 
@@ -89,19 +97,68 @@ async def invalidate_scopes(
     breaker: CircuitBreaker,
     tags: list[str],
     reports: tuple[str, ...],
+    durability: ReplicaWait | None = None,
 ) -> int:
-    """Delete the epochs (and unlink the tracked entries) of these scopes' reports, in one
-    round trip (on a cluster, one per scope, concurrently: each to its slot's master); returns
-    how many entries went."""
+    """Delete the epochs (and unlink the tracked entries) of these scopes' reports (a salon's
+    slot tag, or every slot tag of the platform), then ``WAIT`` for a replica of each node
+    written (``durability``); in one round trip (on a cluster, one per master, concurrently).
+    Returns how many entries went."""
+    slots = [slot for tag in tags for slot in slot_tags(tag)]
     if isinstance(redis, RedisCluster):
-        calls = [scripts.invalidate(tag, reports) for tag in tags]
-        counts = await breaker.call(asyncio.gather(*calls))
-        return sum(int(count) for count in counts)
+        return int(await breaker.call(_invalidate_on_cluster(redis, slots, reports, durability)))
+    return int(await breaker.call(_invalidate_on_one(redis, scripts, slots, reports, durability)))
+
+
+async def _invalidate_on_one(
+    redis: Redis,
+    scripts: Scripts,
+    slots: list[str],
+    reports: tuple[str, ...],
+    durability: ReplicaWait | None,
+) -> int:
+    wait = durability is not None and await durability.should_wait(redis)
     async with redis.pipeline(transaction=False) as pipe:
-        for tag in tags:
-            await scripts.invalidate(tag, reports, pipe)
-        counts = await breaker.call(pipe.execute())
-    return sum(int(count) for count in counts)
+        for slot in slots:
+            await scripts.invalidate(slot, reports, pipe)
+        if wait:
+            assert durability is not None
+            pipe.execute_command("WAIT", durability.replicas, durability.timeout_ms)
+        results = await pipe.execute()
+    if wait:
+        assert durability is not None
+        durability.record(int(results.pop()), SINGLE)
+    return sum(int(count) for count in results)
+
+
+async def _invalidate_on_cluster(
+    redis: RedisCluster,
+    slots: list[str],
+    reports: tuple[str, ...],
+    durability: ReplicaWait | None,
+) -> int:
+    """One pipeline: redis-py sends each master its commands in order on one connection, so a
+    ``WAIT`` queued after a master's scripts covers them."""
+    nodes: dict[str, Any] = {}
+    async with redis.pipeline() as pipe:
+        for slot in slots:
+            keys = scope_keys(slot, reports)
+            pipe.eval(INVALIDATE, len(keys), *keys)
+            node = redis.get_node_from_key(keys[0])
+            if node is not None:
+                nodes[node.name] = node
+        waited = []
+        if durability is not None:
+            for name, node in nodes.items():
+                if await durability.should_wait(redis, node):  # type: ignore[arg-type]
+                    pipe.execute_command(
+                        "WAIT", durability.replicas, durability.timeout_ms, target_nodes=node
+                    )
+                    waited.append(name)
+        results = await pipe.execute()
+    if durability is not None:
+        for name, acknowledged in zip(waited, results[len(slots) :], strict=True):
+            durability.record(int(acknowledged), name)
+    return sum(int(count) for count in results[: len(slots)])
 
 
 async def unlink_everything(redis: Redis, breaker: CircuitBreaker, report: str | None) -> int:

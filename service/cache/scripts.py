@@ -63,6 +63,15 @@ return 0
 """
 
 
+def scope_keys(slot: str, reports: tuple[str, ...]) -> list[str]:
+    """The keys of ``INVALIDATE`` for one slot tag: its (epoch, tracked set) per report."""
+    keys = []
+    for report in reports:
+        probe = CacheKey.of_scope(report, slot)
+        keys += [probe.epoch_key, probe.tracked_key]
+    return keys
+
+
 class Scripts:
     """The scripts registered on one Redis client, called with typed arguments."""
 
@@ -89,15 +98,11 @@ class Scripts:
         return bool(stored)
 
     async def invalidate(
-        self, tag: str, reports: tuple[str, ...], pipe: Pipeline | None = None
+        self, slot: str, reports: tuple[str, ...], pipe: Pipeline | None = None
     ) -> Any:
-        """The invalidation of one scope's reports: queued on ``pipe`` (which then returns a
-        count), or run at once (returns the count)."""
-        keys = []
-        for report in reports:
-            probe = CacheKey.of_scope(report, tag)
-            keys += [probe.epoch_key, probe.tracked_key]
-        return await self._invalidate(keys=keys, client=pipe)
+        """The invalidation of one slot tag's reports: queued on ``pipe`` (which then returns
+        a count), or run at once (returns the count)."""
+        return await self._invalidate(keys=scope_keys(slot, reports), client=pipe)
 
     async def release(self, key: CacheKey, token: str) -> None:
         await self._release(keys=[key.lock_key], args=[token])

@@ -58,6 +58,7 @@ from opentelemetry import trace
 from redis.asyncio import Redis
 
 from service.cache.breaker import REDIS_ERRORS, CircuitBreaker
+from service.cache.durability import ReplicaWait
 from service.cache.entry import SERVED_FROM_CACHE, CacheEntry, CacheResult, Outcome, new_epoch
 from service.cache.flight import SingleFlight
 from service.cache.invalidation import (
@@ -109,8 +110,11 @@ class ReportCache:
         tracer: trace.Tracer | None = None,
         local: LocalTier | None = None,
         refresh_recent: float = 0.0,
+        durability: ReplicaWait | None = None,
     ) -> None:
         self.redis = redis
+        # WAIT for a replica after each invalidation (durability.py); None: never.
+        self.durability = durability
         self.reports = tuple(reports)
         self.unavailable = unavailable
         self.tracer = tracer or trace.NoOpTracer()
@@ -452,7 +456,12 @@ class ReportCache:
             assert self._scripts is not None
             invalidated = set(self.announcements.pending_tags)
             await invalidate_scopes(
-                self.redis, self._scripts, self.breaker, list(invalidated), self.reports
+                self.redis,
+                self._scripts,
+                self.breaker,
+                list(invalidated),
+                self.reports,
+                self.durability,
             )
         self.announcements.settle(covered)
         self._recompute_recent(invalidated)
@@ -545,7 +554,9 @@ class ReportCache:
         assert self._scripts is not None
         reports = self.reports if report is None else (report,)
         try:
-            return await invalidate_scopes(self.redis, self._scripts, self.breaker, [tag], reports)
+            return await invalidate_scopes(
+                self.redis, self._scripts, self.breaker, [tag], reports, self.durability
+            )
         finally:
             # Again: a request between the first drop and the script may have copied a
             # Redis entry the script has just invalidated into the local tier.

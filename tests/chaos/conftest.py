@@ -15,7 +15,13 @@ from service.db import migrate
 from service.tools.seed import seed_database
 from tests.chaos.harness import DATABASE, ChaosData, write_entry
 from tests.chaos.servers import PostgresCluster, new_secret
-from tests.support import RedisProcess, redis_process
+from tests.support import (
+    RedisClusterProcesses,
+    RedisProcess,
+    cluster_url,
+    redis_cluster_processes,
+    redis_process,
+)
 
 _CALL_REPORT = pytest.StashKey[pytest.TestReport]()
 
@@ -61,6 +67,19 @@ def database(chaos_data: ChaosData) -> ChaosData:
 def redis_server() -> Iterator[RedisProcess]:
     with redis_process() as server:
         yield server
+
+
+@pytest.fixture
+def redis_under_test() -> Iterator[RedisProcess | RedisClusterProcesses]:
+    """The Redis of the Redis scenarios: a private single server, or with
+    ``SR_TEST_REDIS_CLUSTER=1`` (the cluster pass of ``make test``) a private Redis Cluster of
+    3 masters and 3 replicas."""
+    if cluster_url() is None:
+        with redis_process() as server:
+            yield server
+    else:
+        with redis_cluster_processes() as cluster:
+            yield cluster
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-import redis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -32,6 +31,7 @@ from tests.security.conftest import (
     assert_json_error,
     raw_request,
 )
+from tests.support import redis_client
 
 TokenFactory = Callable[[str, dict[str, int]], str]
 
@@ -305,7 +305,7 @@ def test_a_valid_token_out_of_scope_is_403_even_when_cached(
 
 
 def _entry_keys(redis_url: str) -> set[bytes]:
-    connection = redis.Redis.from_url(redis_url)
+    connection = redis_client(redis_url)
     try:
         return set(connection.scan_iter(match=f"{NAMESPACE}:*", count=500))
     finally:
