@@ -272,3 +272,40 @@ async def test_a_recovery_conflict_is_retried_on_the_primary(
     assert response.status_code == 200, response.text
     assert service.replica_reads.primary_conflict == 1
     assert response.json()["bookings_total"] == 0
+
+
+async def test_a_replica_connection_lost_mid_read_is_retried_on_the_primary(
+    replica_api: Api, clean_db: str, replica_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replica ends the report's session between the position check and the report query
+    (under load a session ended for a recovery conflict often arrives only as "server closed
+    the connection unexpectedly"): the report is answered by the primary, once."""
+    api = replica_api
+    service = api.resources.reports
+    _salon_with_bookings(clean_db, bookings=2)
+    await _settle(api)
+    await _wait_replayed(clean_db, replica_dsn)
+    await api.report("dashboard")  # warm the pools
+
+    checked = replica_gate.caught_up
+
+    async def caught_up_then_session_ended(connection: Any, mark: str | None) -> bool:
+        if await checked(connection, mark):
+            monkeypatch.setattr(replica_gate, "caught_up", checked)  # once
+            raw = await connection.get_raw_connection()
+            pid = raw.driver_connection.info.backend_pid
+            with psycopg.connect(replica_dsn, autocommit=True) as replica:
+                replica.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+            return True
+        return False
+
+    monkeypatch.setattr(replica_gate, "caught_up", caught_up_then_session_ended)
+    response = await api.report("dashboard", start="2020-01-01", end="2020-01-31")
+    assert response.status_code == 200, response.text
+    assert service.replica_reads.primary_lost == 1
+    assert service.replica_reads.primary_conflict == 0
+    assert response.json()["bookings_total"] == 0
+    # The pool has dropped the dead connection: the next report reads the replica again.
+    replica_reads = service.replica_reads.replica
+    assert (await api.report("dashboard", start="2020-02-01", end="2020-02-29")).status_code == 200
+    assert service.replica_reads.replica == replica_reads + 1

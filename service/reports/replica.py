@@ -25,7 +25,11 @@ primary instead. The watermark is global, not per scope: any later fold makes th
 "behind" until it replays it, which on a healthy replica is a few milliseconds.
 
 Recovery conflicts (the replica cancelling a query, or ending an idle-in-transaction
-session, whose snapshot blocks the replay of a change) are retried once on the primary.
+session, whose snapshot blocks the replay of a change) are retried once on the primary. So is a
+replica connection lost in the middle of a read: a session the replica ends for a conflict
+while a statement is under way often reaches the client only as "server closed the connection
+unexpectedly", the conflict's words lost (measured under load: ``benchmarks/replica_conflicts``,
+docs/performance.md); a replica that cannot be reached at all is not retried (a 503, as before).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class ReplicaReads:
     replica: int = 0  # answered by the replica, which had caught up
     primary_behind: int = 0  # the replica had not replayed the watermark: the primary answered
     primary_conflict: int = 0  # a recovery conflict on the replica: retried on the primary
+    primary_lost: int = 0  # the replica connection was lost mid-read: retried on the primary
 
 
 async def watermark(connection: AsyncConnection) -> str | None:
@@ -85,5 +90,16 @@ def recovery_conflict(error: BaseException) -> bool:
             sqlstate = getattr(orig, "sqlstate", None)
             if CONFLICT_WORDS in str(orig) or sqlstate in CONFLICT_SQLSTATES:
                 return True
+        seen = seen.__cause__
+    return False
+
+
+def connection_lost(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a connection that broke under a statement
+    (SQLAlchemy's disconnect detection; a failed connect is not one)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, DBAPIError) and seen.connection_invalidated:
+            return True
         seen = seen.__cause__
     return False

@@ -214,10 +214,16 @@ class ReportService:
                     return result
             self.replica_reads.primary_behind += 1
         except APIError as error:
-            if not replica.recovery_conflict(error):
+            if replica.recovery_conflict(error):
+                logger.warning(
+                    "a report query gave way to the replica's replay; asking the primary"
+                )
+                self.replica_reads.primary_conflict += 1
+            elif replica.connection_lost(error):
+                logger.warning("a report query lost its replica connection; asking the primary")
+                self.replica_reads.primary_lost += 1
+            else:
                 raise
-            logger.warning("a report query gave way to the replica's replay; asking the primary")
-            self.replica_reads.primary_conflict += 1
         async with self._connection(self.primary, lane) as connection:
             return await run(connection)
 
