@@ -53,12 +53,15 @@ run: install services
 	@scripts/banner.sh $(HOST) $(PORT)
 	@$(BIN)/salon-reports serve --host $(HOST) --port $(PORT)
 
-# The second pass runs the cache suite, the tenant-isolation tests and the chaos-Redis
-# scenarios again with SR_TEST_REDIS_CLUSTER=1: against the Redis Cluster of
-# services-for-tests (the chaos scenarios against a private cluster they kill a master of);
-# tests that need a single Redis of their own are skipped there with their reason.
+# The second pass runs the cache suite, the tenant-isolation tests (tenants' numbers under
+# concurrency, tokens and their scopes, the admin clear's) and the chaos-Redis scenarios again
+# with SR_TEST_REDIS_CLUSTER=1: against the Redis Cluster of services-for-tests (the chaos
+# scenarios against a private cluster they kill a master of); tests that need a single Redis
+# of their own are skipped there with their reason. The hostile-parameter and schema fuzzing
+# tests of tests/security run once: they test the HTTP layer in front of the cache.
 CLUSTER_TESTS := tests/test_cache.py tests/test_cache_contract.py tests/test_cache_faults.py \
-	tests/security tests/chaos/test_redis_faults.py
+	tests/security/test_isolation.py tests/security/test_tokens.py \
+	tests/chaos/test_redis_faults.py
 
 test: install services-for-tests ops-tools browser-tools
 	$(BIN)/pytest

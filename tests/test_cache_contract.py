@@ -607,7 +607,7 @@ async def test_a_refresh_the_fair_share_refuses_is_skipped_quietly_and_tried_aga
     """A background refresh refused by the tenant's fair share (429) is expected under a burst:
     one info line without a traceback, the entry keeps answering, and the next read near its
     expiry tries again."""
-    client = Redis.from_url(redis_url)
+    client = async_redis_client(redis_url)
     now = [1_000_000.0]
     cache = ReportCache(client, reports=CACHED_REPORTS, clock=lambda: now[0], refresh_recent=120.0)
     key = build_key("dashboard", 8, "admin", {"start": "2026-03-01", "end": "2026-03-31"})
