@@ -128,6 +128,9 @@ def memory_limit_bytes() -> int:
     return physical
 
 
+REPLICA_WAIT_OUTCOMES = ("acknowledged", "timeout", "no_replica")  # service/cache/durability.py
+
+
 @dataclass
 class Instruments:
     """The instruments, created once per meter provider."""
@@ -275,8 +278,10 @@ class Instruments:
             yield Observation(count, {attr.REPORT_NAME: report, attr.CACHE_RESULT: result})
 
     def _replica_waits(self, _: CallbackOptions) -> Iterable[Observation]:
-        for outcome, count in list(self.replica_waits.items()):
-            yield Observation(count, {"outcome": outcome})
+        # Every outcome from the start (at 0): a rate of timeouts needs the series before the
+        # first one.
+        for outcome in REPLICA_WAIT_OUTCOMES:
+            yield Observation(self.replica_waits.get(outcome, 0), {"outcome": outcome})
 
     def _connection_count(self, _: CallbackOptions) -> Iterable[Observation]:
         for pool in self.pools:

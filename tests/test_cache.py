@@ -675,3 +675,31 @@ async def test_report_responses_vary_by_authorization(
     )
     if again.status_code == 304:  # realtime's body changes with the second of `as_of`
         assert "authorization" in again.headers["vary"].lower()
+
+
+async def test_each_invalidation_waits_for_a_replica_where_there_is_one(
+    api: Api, data: dict[str, int], db: psycopg.Connection
+) -> None:
+    """After a change's invalidation the service WAITs for a replica of each node written:
+    acknowledged on the test Redis Cluster (a replica per master), not waited on for the
+    single test Redis (no replica); either way counted in the metric's counts."""
+    waits = api.resources.telemetry.instruments.replica_waits
+    before = dict(waits)
+    add_booking(
+        db,
+        salon_id=data["lisbon"],
+        client_id=data["bob"],
+        professional_id=data["pro_lisbon"],
+        service_id=data["cut"],
+        scheduled_at=datetime.now(UTC) - timedelta(hours=1),
+    )
+    await settled(api)
+    grown = {outcome: waits[outcome] - before.get(outcome, 0) for outcome in waits}
+    if api.settings.redis_cluster:
+        # One WAIT per master written (the salon's slot and the platform's twelve); a WAIT
+        # past its 100 ms on a loaded machine counts as a timeout.
+        assert grown.get("acknowledged", 0) + grown.get("timeout", 0) >= 3, grown
+        assert grown.get("no_replica", 0) == 0, grown
+    else:
+        assert grown.get("no_replica", 0) >= 1, grown
+        assert grown.get("acknowledged", 0) == grown.get("timeout", 0) == 0, grown
