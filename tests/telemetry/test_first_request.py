@@ -11,9 +11,9 @@ the report query, each over a window nobody asked for). What the first request d
   ``connect`` span, a child of the request's server span, with the database attributes.
 
 The uncovered time (the server span's own time, not under any child span) of the first request
-of three fresh apps is compared with that of the later requests in the same run, as a ratio of
-medians with a margin: 1 to 3 times theirs now, 5 to 11 with the route preparation inside the
-request.
+of five fresh apps (the least of them) is compared with that of the later requests in the same
+run (their median), as a ratio with a margin: 0.6 to 2.0 now, 5.4 to 6.7 with the route
+preparation inside the request.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ async def test_the_first_request_says_where_its_time_went(
     settings = app_settings(base_settings, database_url, redis_url)
     firsts: list[float] = []
     laters: list[float] = []
-    for _ in range(3):  # three fresh apps: one hiccup of the machine does not decide
+    for _ in range(5):  # five fresh apps: the machine's hiccups only ever add time
         client = redis_client(redis_url)
         client.flushdb()  # every report a miss again
         client.close()
@@ -131,9 +131,11 @@ async def test_the_first_request_says_where_its_time_went(
         firsts.append(uncovered_ns(first))
         laters += [uncovered_ns(trace) for trace in later]
     # What no span explains in the first request is of the order of what it is in later ones
-    # of the same shape: measured 1-3 times theirs; with FastAPI preparing its routes inside
-    # the request, 5-11 times (medians of the three apps and of their later requests).
-    assert statistics.median(firsts) < 4 * statistics.median(laters), (firsts, laters)
+    # of the same shape. The least of the five first requests (a busy machine preempting the
+    # process, or a garbage collection, only ever adds time) against the median of the later
+    # ones: measured 0.6-2.0 times; with FastAPI preparing its routes inside the request,
+    # 5.4-6.7 times.
+    assert min(firsts) < 3.5 * statistics.median(laters), (firsts, laters)
 
 
 async def test_a_redis_connection_a_request_opens_is_a_span_of_its_own(
