@@ -13,6 +13,10 @@ target (p95 <= 20 ms at 1 M, <= 25 ms at 5 M).
 The time measured is the database time of the report as ``benchmarks.queries`` measures it:
 the wall clock of ``service.reports.queries`` on one connection of the service's own engine
 (the statement's round trip: planning, execution, the JSON result), not the HTTP request.
+Beside it, when the database server runs on this machine, the **CPU time of the connection's
+backend process** for the statement (``/proc/<pid>/schedstat``, nanoseconds on a CPU): the
+work the statement costs the server, which other processes competing for the cores do not
+inflate as they inflate the wall clock (on a shared machine, compare those).
 Before its windows, each cell runs once on a 30-day window so that the connection and the
 statement are warm; the database's buffers are warm too (each dataset fits in memory), so
 "cold" means "not in the report cache", as a cold request to the service is.
@@ -37,6 +41,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -157,21 +162,43 @@ def windows(today: date, days: int = WINDOW_DAYS, count: int = WINDOWS) -> list[
     ]
 
 
+def backend_cpu_ns(pid: int | None) -> int | None:
+    """CPU time so far of a local server process (``/proc/<pid>/schedstat``), or None."""
+    if pid is None:
+        return None
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def backend_pid(conn: AsyncConnection) -> int | None:
+    """The connection's backend process id, when that process is on this machine."""
+    pid = int((await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+    await conn.rollback()
+    return pid if backend_cpu_ns(pid) is not None else None
+
+
 async def measure_cell(
-    conn: AsyncConnection, report: str, scope: Scope, today: date
-) -> list[float]:
-    """Milliseconds of each of the five windows, after one warm-up on a 30-day window."""
+    conn: AsyncConnection, report: str, scope: Scope, today: date, pid: int | None
+) -> tuple[list[float], list[float]]:
+    """Wall-clock and backend CPU milliseconds of each of the five windows, after one warm-up
+    on a 30-day window (no CPU times when the server is not local)."""
     warm_up = Period(today - timedelta(days=WARM_UP_DAYS - 1), today)
     await report_call(report, scope, warm_up)(conn)
     await conn.rollback()
-    timings = []
+    timings, cpu = [], []
     for period in windows(today):
         call = report_call(report, scope, period)
+        cpu_before = backend_cpu_ns(pid)
         started = time.perf_counter()
         await call(conn)
         timings.append((time.perf_counter() - started) * 1000)
+        cpu_after = backend_cpu_ns(pid)
+        if cpu_before is not None and cpu_after is not None:
+            cpu.append((cpu_after - cpu_before) / 1e6)
         await conn.rollback()
-    return timings
+    return timings, cpu
 
 
 def _engine(url: str) -> AsyncEngine:
@@ -184,25 +211,30 @@ def _engine(url: str) -> AsyncEngine:
     )
 
 
+Samples = dict[tuple[int, str, str], list[tuple[list[float], list[float]]]]
+
+
 async def run(
     prepared: list[Prepared], reports: tuple[str, ...], rounds: int, console: Console
-) -> dict[tuple[int, str, str], list[list[float]]]:
-    """Per (bookings, report, scope): the five windows' timings of each round."""
-    samples: dict[tuple[int, str, str], list[list[float]]] = {}
+) -> Samples:
+    """Per (bookings, report, scope): the five windows' wall and CPU timings of each round."""
+    samples: Samples = {}
     engines = {p.scale.database: _engine(p.url) for p in prepared}
     try:
         for round_number in range(1, rounds + 1):
             for p in prepared:  # the datasets interleaved round by round: same noise for each
                 async with engines[p.scale.database].connect() as conn:
+                    pid = await backend_pid(conn)
                     for report in reports:
                         for scope_name, scope in (("salon", p.salon), ("platform", Scope(None))):
-                            timings = await measure_cell(conn, report, scope, p.today)
+                            timings, cpu = await measure_cell(conn, report, scope, p.today, pid)
                             key = (p.scale.bookings, report, scope_name)
-                            samples.setdefault(key, []).append(timings)
+                            samples.setdefault(key, []).append((timings, cpu))
+                            cpu_text = f", CPU {statistics.median(cpu):6.1f} ms" if cpu else ""
                             console.log(
                                 f"round {round_number} {p.scale.label:>5} {report:<13}"
                                 f" {scope_name:<8} median {statistics.median(timings):6.1f} ms"
-                                f" (windows: {', '.join(f'{t:.1f}' for t in timings)})"
+                                f"{cpu_text} (windows: {', '.join(f'{t:.1f}' for t in timings)})"
                             )
     finally:
         for engine in engines.values():
@@ -210,15 +242,21 @@ async def run(
     return samples
 
 
-def summarise(rounds: list[list[float]], target_ms: float | None) -> dict[str, Any]:
-    medians = [statistics.median(timings) for timings in rounds]
-    every = [t for timings in rounds for t in timings]
+def summarise(
+    rounds: list[tuple[list[float], list[float]]], target_ms: float | None
+) -> dict[str, Any]:
+    medians = [statistics.median(timings) for timings, _ in rounds]
+    every = [t for timings, _ in rounds for t in timings]
+    cpu_medians = [statistics.median(cpu) for _, cpu in rounds if cpu]
+    cpu_every = [t for _, cpu in rounds for t in cpu]
     p95 = percentile(every, 0.95)
     return {
         "median_ms": round(statistics.median(medians), 1),
         "round_medians_ms": [round(m, 1) for m in medians],
         "p95_ms": round(p95, 1),
         "max_ms": round(max(every), 1),
+        "cpu_median_ms": round(statistics.median(cpu_medians), 1) if cpu_medians else None,
+        "cpu_p95_ms": round(percentile(cpu_every, 0.95), 1) if cpu_every else None,
         "samples": len(every),
         "target_p95_ms": target_ms,
         "meets_target": None if target_ms is None else p95 <= target_ms,
@@ -231,14 +269,18 @@ def _cell_text(cell: dict[str, Any]) -> str:
     verdict = ""
     if cell["meets_target"] is not None:
         verdict = " ✓" if cell["meets_target"] else " ✗"
-    return f"{cell['median_ms']:.1f}{spread}; p95 {cell['p95_ms']:.1f}{verdict}"
+    cpu = ""
+    if cell["cpu_median_ms"] is not None:
+        cpu = f"; CPU {cell['cpu_median_ms']:.1f}, p95 {cell['cpu_p95_ms']:.1f}"
+    return f"{cell['median_ms']:.1f}{spread}; p95 {cell['p95_ms']:.1f}{verdict}{cpu}"
 
 
 def table(prepared: list[Prepared], rows: list[dict[str, Any]]) -> Table:
     result = Table(
         title=(
             "Cold report queries as data grows: database time, median of 5 cold 365-day windows"
-            " (ms; range of the rounds' medians; p95 of every sample vs the target)"
+            " (ms; range of the rounds' medians; p95 of every sample vs the target; the"
+            " backend's CPU time, median and p95)"
         )
     )
     result.add_column("report")
