@@ -11,7 +11,8 @@ Platform-wide reports (UTC calendar) read the rollups of migration 0004 instead 
 bookings of the period: the daily platform table for totals and series, the hourly one for
 the split by hour, the monthly and daily
 service and professional tables for per-service and per-professional totals (whole months
-from the monthly table, the ragged edges from the daily one, see ``rollup_ranges``), and the
+from the monthly table, the ragged edges from the daily one, added, or subtracted from their
+whole month when that reads fewer days, see ``rollup_ranges``), and the
 client visit pairs for exact distinct and new client counts. A platform-wide year thus reads
 tens of thousands of small rows instead of ~900,000 bookings. Two parts stay on ``bookings``:
 the ``bookings`` report filtered by professional or service (an index range of one
