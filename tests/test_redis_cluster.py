@@ -397,3 +397,39 @@ async def test_a_single_redis_without_a_replica_is_not_waited_on() -> None:
         finally:
             await cache.close()
             await client.aclose()
+
+
+async def test_a_single_redis_with_a_replica_is_waited_on() -> None:
+    """The single-node path: the WAIT goes in the invalidation's pipeline (same connection);
+    with the replica held busy the call returns only once the replica has it."""
+    with redis_process() as master, redis_process() as replica_server:
+        replica = redis.Redis(port=replica_server.port)
+        replica.replicaof("127.0.0.1", master.port)
+        client = AsyncRedis.from_url(master.url)
+        durability = ReplicaWait(replicas=1, timeout_ms=5000)
+        cache = ReportCache(client, reports=CACHED_REPORTS, durability=durability)
+        key = build_key("dashboard", 7, "admin", {})
+        try:
+            for _ in range(200):
+                if replica.info("replication").get("master_link_status") == "up":
+                    break
+                time.sleep(0.05)
+            await cache.fetch(key, 600, _constant)
+            for _ in range(200):
+                if replica.get(key.epoch_key) is not None:
+                    break
+                time.sleep(0.05)
+            assert replica.get(key.epoch_key) is not None
+            primary = redis.Redis(port=master.port)
+            with _replica_held(replica_server.port, 1.5):
+                before = int(primary.info("replication")["master_repl_offset"])
+                await cache.invalidate(7)
+                info = primary.info("replication")
+                assert int(info["slave0"]["offset"]) > before, info
+                assert replica.get(key.epoch_key) is None
+            primary.close()
+            assert durability.counts == {"acknowledged": 1}
+        finally:
+            replica.close()
+            await cache.close()
+            await client.aclose()
