@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     tenant_queue: int | None = Field(None, alias="REPORTS_TENANT_QUEUE", ge=0)
     tenant_queue_timeout: float = Field(1.0, alias="REPORTS_TENANT_QUEUE_TIMEOUT", gt=0, le=60)
     admin_max_concurrent: int | None = Field(None, alias="REPORTS_ADMIN_MAX_CONCURRENT", ge=1)
+    # A tenant refused again within its Retry-After gets that 429 after this many seconds
+    # (0: at once): a closed-loop flood then sends fewer requests (service/fairness.py).
+    tenant_repeat_refusal_delay: float = Field(
+        0.5, alias="REPORTS_TENANT_REPEAT_REFUSAL_DELAY", ge=0, le=10
+    )
 
     @property
     def session_database_url(self) -> str:

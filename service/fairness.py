@@ -64,6 +64,8 @@ LEASE_NAMESPACE = "sr:fair"
 LOOKUP_LANE = "lookup"  # salon time-zone lookups: their own lane for connection turns
 _POLL_FIRST_SECONDS = 0.002
 _POLL_MAX_SECONDS = 0.025
+MAX_HELD_REFUSALS = 1024  # per worker: refusals waiting out their delay at once
+_REMEMBERED_REFUSALS = 4096  # tenants whose last refusal time a worker keeps (then forgets all)
 
 # KEYS[1] = the tenant's holders (sorted set: token -> expiry in ms, Redis server clock);
 # ARGV[1] = token, ARGV[2] = limit, ARGV[3] = lease (ms). Returns 1 when the lease is taken.
@@ -98,8 +100,13 @@ class Tenant:
 ADMIN_TENANT = Tenant("admin", "admin")
 
 
+def retry_after_seconds(queue_timeout: float) -> int:
+    return max(1, math.ceil(queue_timeout))
+
+
 class TenantThrottled(APIError):
-    """429: the tenant has its share running and its queue full, or waited past the queue."""
+    """429: the tenant has its share running and its queue full, or waited past the queue.
+    ``delay``: seconds to wait before answering it (``FairScheduler.hold``)."""
 
     def __init__(self, retry_after: float, reason: str) -> None:
         super().__init__(
@@ -107,9 +114,10 @@ class TenantThrottled(APIError):
             "tenant_throttled",
             "this salon already has its share of report computations running and queued; "
             "retry after the Retry-After header (cached reports are not affected)",
-            {"Retry-After": str(max(1, math.ceil(retry_after)))},
+            {"Retry-After": str(retry_after_seconds(retry_after))},
         )
         self.reason = reason
+        self.delay = 0.0
 
 
 class Breaker(Protocol):
@@ -184,6 +192,7 @@ class FairScheduler:
         admin_limit: int | None = None,
         leases: TenantLeases | None = None,
         counts: FairnessCounts | None = None,
+        repeat_delay: float = 0.0,
     ) -> None:
         self.capacity = capacity
         self.per_tenant = per_tenant
@@ -199,7 +208,12 @@ class FairScheduler:
             "queue_timeout_seconds": queue_timeout,
             "connections_per_worker": capacity,
             "shared": leases is not None,
+            "repeat_refusal_delay_seconds": repeat_delay,
         }
+        self.repeat_delay = repeat_delay
+        self._refused_at: dict[str, float] = {}  # tenant -> its last queue_full refusal here
+        self._held = 0
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         self._lanes: dict[str, _Lane] = {}
         self._free = capacity
         self._ring: deque[str] = deque()  # lanes with turn waiters, in turn order
@@ -257,19 +271,21 @@ class FairScheduler:
             if isinstance(token, str) and self.leases is not None:
                 await self.leases.release(tenant, token)
 
+    def full(self, tenant: Tenant) -> bool:
+        """Whether a computation of ``tenant`` would be refused at once (its share running
+        in this worker, its queue full). Counts nothing."""
+        limit = self.limit_of(tenant)
+        if limit is None:
+            return False
+        lane = self._lanes.get(tenant.key)
+        return lane is not None and lane.active >= limit and len(lane.waiters) >= self.queue
+
     def refuse_if_full(self, tenant: Tenant) -> None:
         """``TenantThrottled`` now if a computation of ``tenant`` would be refused at once
         (its share running, its queue full): called before a miss takes the cache's
         cross-process lock, so a flood of refusals costs no lock round trips. A pre-check only:
         ``computation`` decides."""
-        limit = self.limit_of(tenant)
-        lane = self._lanes.get(tenant.key)
-        if (
-            limit is not None
-            and lane is not None
-            and lane.active >= limit
-            and len(lane.waiters) >= self.queue
-        ):
+        if self.full(tenant):
             self._throttle(tenant, "queue_full")
 
     async def _enter(self, tenant: Tenant, limit: int | None, deadline: float) -> None:
@@ -314,7 +330,43 @@ class FairScheduler:
 
     def _throttle(self, tenant: Tenant, reason: str) -> None:
         self.counts.record_throttle(tenant.key, tenant.tenant_class, tenant.salon_id, reason)
-        raise TenantThrottled(self.queue_timeout, reason)
+        refusal = TenantThrottled(self.queue_timeout, reason)
+        if reason == "queue_full" and self.repeat_delay > 0:
+            now = time.monotonic()
+            last = self._refused_at.get(tenant.key)
+            if len(self._refused_at) >= _REMEMBERED_REFUSALS:
+                self._refused_at.clear()
+            self._refused_at[tenant.key] = now
+            if last is not None and now - last < self.retry_after:
+                refusal.delay = self.repeat_delay
+        raise refusal
+
+    # -- the repeat refusal's delay ---------------------------------------------------------
+
+    @property
+    def retry_after(self) -> int:
+        """The Retry-After of a refusal, in seconds."""
+        return retry_after_seconds(self.queue_timeout)
+
+    async def hold(self, refusal: TenantThrottled) -> None:
+        """Wait out the refusal's ``delay`` before it is answered: a tenant refused again
+        within its Retry-After gets its 429 after ``repeat_delay`` (a closed-loop flood's
+        request rate drops to its connections / ``repeat_delay``). No share, connection or
+        lock is held meanwhile; at most ``MAX_HELD_REFUSALS`` wait at once in a worker (the
+        rest are answered at once)."""
+        if refusal.delay <= 0 or self._held >= MAX_HELD_REFUSALS:
+            return
+        self._held += 1
+        self.counts.delayed += 1
+        try:
+            await self.sleep(refusal.delay)
+        finally:
+            self._held -= 1
+
+    @property
+    def held(self) -> int:
+        """Refusals waiting out their delay now."""
+        return self._held
 
     # -- stage 3: connection turns, round-robin between tenants ----------------------------
 

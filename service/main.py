@@ -8,11 +8,13 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from starlette.responses import Response
 
 from service import __version__
 from service.config import Settings, get_settings
-from service.errors import error_responses, install_error_handlers
+from service.errors import error_response, error_responses, install_error_handlers
+from service.fairness import TenantThrottled
 from service.health import AnswerLiveness
 from service.health import router as health_router
 from service.page import router as page_router
@@ -25,6 +27,13 @@ from telemetry.middleware import TelemetryMiddleware
 from telemetry.setup import Telemetry, configure
 
 logger = logging.getLogger("service")
+
+
+async def _on_throttled(request: Request, error: Exception) -> Response:
+    """A 429 of the fair share: the APIError answer, after the repeat refusal's delay."""
+    assert isinstance(error, TenantThrottled)
+    await request.app.state.resources.reports.fairness.hold(error)
+    return error_response(error.status_code, error.code, error.message, error.headers)
 
 
 @asynccontextmanager
@@ -62,6 +71,7 @@ def create_app(settings: Settings | None = None, telemetry: Telemetry | None = N
     app.state.settings = settings
     app.state.telemetry = telemetry
     install_error_handlers(app)
+    app.add_exception_handler(TenantThrottled, _on_throttled)
     app.include_router(health_router, responses=error_responses(503))
     app.include_router(reports_router)
     app.include_router(performance_router, responses=error_responses(401, 403))

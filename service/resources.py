@@ -173,6 +173,7 @@ async def start_resources(
         queue=settings.tenant_queue_length,
         queue_timeout=settings.tenant_queue_timeout,
         admin_limit=settings.admin_limit,
+        repeat_delay=settings.tenant_repeat_refusal_delay,
         leases=None
         if redis is None
         else TenantLeases(redis, breaker, settings.tenant_lease_seconds),

@@ -14,7 +14,9 @@
 - ``reports.fairness.waiting`` / ``reports.fairness.running`` (gauges, {request}): waiting for
   a turn / computing now, by ``tenant_class``;
 - ``reports.fairness.degraded`` (counter, {request}): computations admitted on this worker's
-  share alone because the shared (Redis) count could not be read.
+  share alone because the shared (Redis) count could not be read;
+- ``reports.fairness.delayed`` (counter, {request}): of the throttled, those answered only
+  after the repeat refusal's delay (``REPORTS_TENANT_REPEAT_REFUSAL_DELAY``).
 
 Labels are classes, never salon ids: one series per salon would grow without bound. Which
 salons wait or were throttled is in the stats snapshot (``/performance/stats``, admin and ops
@@ -69,6 +71,7 @@ class FairnessCounts:
     queued: Counter[str] = field(default_factory=Counter)
     throttled: Counter[tuple[str, str]] = field(default_factory=Counter)
     degraded: int = 0
+    delayed: int = 0  # refusals answered after the repeat refusal's delay
     settings: dict[str, Any] = field(default_factory=dict)  # the limits, shown in the stats
     _tenants: dict[str, _Tenant] = field(default_factory=dict)
 
@@ -168,6 +171,7 @@ class FairnessCounts:
                 for (tenant_class, reason), count in self.throttled.items()
             ],
             "degraded": self.degraded,
+            "delayed": self.delayed,
             "tenants": tenants[: RECENT_TENANTS * 5],
         }
 
@@ -198,7 +202,7 @@ def merge_fairness(snapshots: Sequence[Mapping[str, Any] | None]) -> dict[str, A
     queued: Counter[str] = Counter()
     throttled: Counter[str] = Counter()
     throttled_by_reason: Counter[str] = Counter()
-    degraded = 0
+    degraded = delayed = 0
     settings: dict[str, Any] = {}
     tenants: dict[str, dict[str, Any]] = {}
     for snapshot in snapshots:
@@ -211,6 +215,7 @@ def merge_fairness(snapshots: Sequence[Mapping[str, Any] | None]) -> dict[str, A
             throttled[str(row["class"])] += int(row["count"])
             throttled_by_reason[str(row["reason"])] += int(row["count"])
         degraded += int(snapshot.get("degraded", 0))
+        delayed += int(snapshot.get("delayed", 0))
         for row in snapshot.get("tenants", []):
             merged = tenants.setdefault(
                 str(row["tenant"]),
@@ -238,6 +243,7 @@ def merge_fairness(snapshots: Sequence[Mapping[str, Any] | None]) -> dict[str, A
                 name: throttled_by_reason.get(name, 0) for name in THROTTLE_REASONS
             },
             "degraded": degraded,
+            "delayed": delayed,
         },
         "now": {
             name: {
@@ -292,6 +298,9 @@ def register_fairness(meter: Meter, counts: FairnessCounts) -> None:
     def degraded(_: CallbackOptions) -> Iterable[Observation]:
         yield Observation(counts.degraded)
 
+    def delayed(_: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(counts.delayed)
+
     meter.create_observable_counter(
         "reports.fairness.admitted",
         callbacks=[admitted],
@@ -327,4 +336,10 @@ def register_fairness(meter: Meter, counts: FairnessCounts) -> None:
         callbacks=[degraded],
         unit="{request}",
         description="Computations admitted on this worker's share alone (shared count unreadable).",
+    )
+    meter.create_observable_counter(
+        "reports.fairness.delayed",
+        callbacks=[delayed],
+        unit="{request}",
+        description="Refusals answered after the repeat refusal's delay (same tenant and worker).",
     )

@@ -194,6 +194,32 @@ class ReportCache:
             self._recent.move_to_end(key.key)
         return self.local.get(key)
 
+    async def would_fill(self, key: CacheKey) -> bool:
+        """Whether ``fetch`` would now call its ``before_fill`` for ``key``: the cache
+        trusted, no change announced for its scope, the entry in neither tier (one ``MGET``,
+        as ``fetch`` makes it), and no computation of it in flight in this process. False
+        when anything else would happen, or when Redis cannot be asked: then the caller
+        leaves the request to ``fetch``. The refusal path's lookup (``service.reports.hits``):
+        a tenant over its fair share is refused only where ``fetch`` would have refused it."""
+        if self.redis is None or not self.listener_healthy or not self.breaker.allow():
+            return False
+        if self.local.get(key) is not None or self.announcements.pending(key.tag):
+            return False
+        if self._flights.running(key):
+            return False
+        try:
+            raw, epoch = await self.breaker.call(self.redis.mget(key.key, key.epoch_key))
+        except REDIS_ERRORS:
+            return False
+        if CacheEntry.valid(raw, epoch) is not None:
+            return False
+        # Again after the round trip: a request may have started its computation meanwhile.
+        return (
+            self.listener_healthy
+            and not self.announcements.pending(key.tag)
+            and not self._flights.running(key)
+        )
+
     async def _fetch(
         self,
         key: CacheKey,

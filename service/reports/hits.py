@@ -16,11 +16,22 @@ ordinary, and then answers exactly as the endpoint would (same status, headers a
   (``ReportCache.local_hit``); the key is built as the endpoint builds it (``cache_key``) and
   remembered by (report, raw query, role, time zone, salon-local day).
 
+It also answers the one refusal a flood makes by the thousand: ``429 tenant_throttled`` for a
+miss of a tenant whose fair share is running and whose queue is full in this worker
+(``FairScheduler.full``), when everything above holds, the request is not sampled for tracing,
+and the cache confirms that the endpoint would start a computation here (``ReportCache.
+would_fill``: in neither tier, one ``MGET`` as the endpoint makes it, none in flight, no change
+pending). The refusal is the scheduler's own (``refuse_if_full``: counted, and delayed when it
+repeats, ``FairScheduler.hold``), answered with the bytes and headers of the endpoint's 429
+(rendered once by ``error_response``). A hit is never refused: an entry in either tier falls
+through to the endpoint, which serves it. A sampled request's refusal is left to the endpoint,
+whose cache span it keeps.
+
 Anything else (no token, a bad one, a query the endpoint refuses, an unknown or not yet looked
-up salon, a method other than GET, a repeated header, a local miss) falls through to FastAPI
-untouched, which answers as before: errors keep their single source. The endpoint leaves the
-same marks for telemetry (``report_name``, ``salon_id``, ``cache_result`` in the request state,
-the matched route in the scope); so does this path.
+up salon, a method other than GET, a repeated header, a local miss of a tenant under its share)
+falls through to FastAPI untouched, which answers as before: errors keep their single source.
+The endpoint leaves the same marks for telemetry (``report_name``, ``salon_id``,
+``cache_result`` in the request state, the matched route in the scope); so does this path.
 """
 
 from __future__ import annotations
@@ -35,7 +46,8 @@ from starlette.datastructures import QueryParams
 
 from service.auth import InvalidToken, Principal
 from service.cache import CacheKey, CacheResult
-from service.errors import APIError
+from service.errors import APIError, error_response
+from service.fairness import Tenant, TenantThrottled
 from service.paths import API_PREFIX
 from service.reports.http import (
     BookingsQuery,
@@ -107,13 +119,15 @@ class CachedReportHits:
         self._routes: dict[str, Any] = {}
         self.enabled = True  # tests switch it off to compare with the endpoint's answer
         self.answered = 0
+        self.refused = 0
+        # The endpoint's 429, rendered once: (its Retry-After) -> (body, headers).
+        self._refusals: dict[str, tuple[bytes, list[tuple[bytes, bytes]]]] = {}
 
     async def __call__(self, scope: Scope_, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET" and self.enabled:
             report = REPORTS.get(scope["path"])
             if report is not None:
                 if await self._answer(scope, send, report):
-                    self.answered += 1
                     return
                 await self.app(scope, receive, send)
                 if scope["path"] not in self._routes:
@@ -173,7 +187,7 @@ class CachedReportHits:
         lookup_started = time.perf_counter()
         entry = cache.local_hit(key)
         if entry is None:
-            return False
+            return await self._refuse(scope, send, reports, principal, salon_id, key, name, route)
         done = time.perf_counter()
         parent = trace.get_current_span().get_span_context()
         if not parent.is_valid or parent.trace_flags.sampled:  # the span ReportCache.fetch makes
@@ -202,6 +216,7 @@ class CachedReportHits:
                 % ((done - lookup_started) * 1000, (done - started) * 1000),
             ),
         ]
+        self.answered += 1
         if if_none_match is not None and etag_matches(if_none_match.decode("latin-1"), entry.etag):
             await send({"type": "http.response.start", "status": 304, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
@@ -212,6 +227,56 @@ class CachedReportHits:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         return True
+
+    async def _refuse(
+        self,
+        scope: Scope_,
+        send: Send,
+        reports: Any,
+        principal: Principal,
+        salon_id: int | None,
+        key: CacheKey,
+        name: ReportName,
+        route: Any,
+    ) -> bool:
+        """Answer the endpoint's 429 and return True when the endpoint would refuse this
+        miss before computing it (the module docstring); else return False, having sent
+        nothing."""
+        fairness = reports.fairness
+        tenant = Tenant.of(principal, salon_id)
+        if not fairness.full(tenant):
+            return False  # within its share: the endpoint computes it
+        parent = trace.get_current_span().get_span_context()
+        if not parent.is_valid or parent.trace_flags.sampled:
+            return False
+        if not await reports.cache.would_fill(key) or not reports.stream.current:
+            return False
+        try:
+            fairness.refuse_if_full(tenant)  # again: the round trip may have freed a share
+        except TenantThrottled as refusal:
+            state = scope.get("state")
+            if state is None:
+                state = scope["state"] = {}
+            state["report_name"] = name.value
+            state["salon_id"] = salon_id
+            scope["route"] = route
+            await fairness.hold(refusal)
+            body, headers = self._rendered(refusal)
+            self.refused += 1
+            await send({"type": "http.response.start", "status": 429, "headers": list(headers)})
+            await send({"type": "http.response.body", "body": body})
+            return True
+        return False
+
+    def _rendered(self, refusal: TenantThrottled) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        retry_after = refusal.headers["Retry-After"]
+        found = self._refusals.get(retry_after)
+        if found is None:
+            response = error_response(
+                refusal.status_code, refusal.code, refusal.message, refusal.headers
+            )
+            found = self._refusals[retry_after] = (bytes(response.body), response.raw_headers)
+        return found
 
     def _query(self, name: str, raw: bytes, model: type[PeriodQuery]) -> Any:
         """The parsed query, or ``_UNUSUAL`` when the endpoint would refuse it."""
