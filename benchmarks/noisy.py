@@ -172,8 +172,11 @@ def start_burst(
 
 
 def burst_result(process: subprocess.Popen[str]) -> dict[str, Any]:
-    output, _ = process.communicate(timeout=120)
-    result: dict[str, Any] = {}
+    assert process.stdout is not None
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    result: dict[str, Any] = {"wrk_cpu_s": round(usage.ru_utime + usage.ru_stime, 2)}
     for line in output.splitlines():
         if line.startswith("WRKJSON "):
             summary = json.loads(line.removeprefix("WRKJSON "))
@@ -189,6 +192,23 @@ def burst_result(process: subprocess.Popen[str]) -> dict[str, Any]:
     if "requests" not in result:
         raise RuntimeError(f"wrk said:\n{output}")
     return result
+
+
+def group_cpu_seconds(server: Server) -> float:
+    """User and system CPU time of the server's process group so far (the master and its
+    workers: ``Server.cpu_seconds`` reads the master alone)."""
+    if server.process is None:
+        return 0.0
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After "(comm)": pgrp is field 5, utime 14 and stime 15 (proc(5)), in clock ticks.
+        if int(fields[2]) == server.process.pid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def noisy_row(server: Server, admin: str, salon: int) -> dict[str, Any] | None:
@@ -240,10 +260,20 @@ def scenario(
         burst_ends = [seeded_on - timedelta(days=100 + d) for d in range(VICTIM_REQUESTS)]
         alone = victim_run(server, tokens["victim"], victim, alone_ends)
         console.log(f"{name}: victim alone {alone}")
+        cpu_before = group_cpu_seconds(server)
         burst = start_burst(server, script, args.connections, args.burst_seconds, args.timeout)
         time.sleep(2.0)
         under = victim_run(server, tokens["victim"], victim, burst_ends)
         noisy_result = burst_result(burst)
+        # The server's CPU time over the burst (the victim's 40 requests in it too), per
+        # request of the noisy salon.
+        server_cpu = group_cpu_seconds(server) - cpu_before
+        noisy_result["server_cpu_s"] = round(server_cpu, 2)
+        noisy_result["server_cpu_ms_per_request"] = (
+            round(server_cpu * 1000 / noisy_result["requests"], 3)
+            if noisy_result["requests"]
+            else None
+        )
         console.log(f"{name}: victim under the burst {under}; noisy {noisy_result}")
         row = noisy_row(server, tokens["admin"], noisy)
     finally:
@@ -329,6 +359,7 @@ def main() -> None:
         "victim errors",
         "noisy req/s",
         "noisy 200 / 429 / 5xx",
+        "server CPU ms / noisy req (wrk CPU s)",
         "target",
     ):
         table.add_column(column)
@@ -343,6 +374,7 @@ def main() -> None:
             str(noisy_result["per_second"]),
             f"{noisy_result.get('ok')} / {noisy_result.get('throttled')} / "
             f"{noisy_result.get('server_errors')}",
+            f"{noisy_result.get('server_cpu_ms_per_request')} ({noisy_result.get('wrk_cpu_s')})",
             "met" if run["meets_target"] else "MISSED",
         )
     console.print(table)
