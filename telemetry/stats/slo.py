@@ -103,10 +103,16 @@ class SloCounter:
         self._hours: dict[int, Cells] = {}  # history: taken hours, the last 30 days
         self.started_at = wall_clock()
         self._compacted = int(self.started_at // MINUTE)
+        self._routes: dict[str, bool] = {}  # route template -> is a report route
 
     def record(self, route: str, status_code: int, seconds: float) -> None:
         """Count one request if it is a report request (the middleware calls it for all)."""
-        if SLO_ROUTE.fullmatch(route) is None:
+        report = self._routes.get(route)
+        if report is None:
+            report = SLO_ROUTE.fullmatch(route) is not None
+            if len(self._routes) < 1000:  # route templates: a handful
+                self._routes[route] = report
+        if not report:
             return
         minute = int(self._clock() // MINUTE)
         error = status_code >= 500
