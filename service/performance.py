@@ -29,6 +29,7 @@ from service.workers import (
 )
 from telemetry.fairness import merge_fairness
 from telemetry.stats import StatsAggregator, merge_snapshots, render
+from telemetry.stats.slo import budget_alert
 
 router = APIRouter(tags=["operations"])
 OPENMETRICS = "application/openmetrics-text"
@@ -62,6 +63,7 @@ async def performance_stats(_: OperatorDep, resources: ResourcesDep) -> Response
     body["alerts"].append(body["fairness"]["alert"])
     # The error budgets of the two SLOs (docs/slo.md), from every worker's counts in Redis.
     body["slo"] = await budget_section(redis, telemetry.slo)
+    body["alerts"].append(budget_alert(body["slo"]))
     return Response(
         orjson.dumps(body), media_type="application/json", headers={"Cache-Control": "no-store"}
     )

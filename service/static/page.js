@@ -673,6 +673,8 @@
         return `Memory at ${pct(alert.value)} of its limit, over ${pct(alert.threshold)}`;
       case "freshness":
         return `Reports are behind their writes: ${alert.detail}`;
+      case "error_budget_burn":
+        return `Error budget burning fast: ${alert.detail}`;
       case "tenant_throttling":
         return `Tenants throttled: ${alert.value} ${alert.detail}, over ${alert.threshold} (see the tenants table)`;
       default:

@@ -262,3 +262,34 @@ def render_budget(
         "latency_threshold_ms": LATENCY_THRESHOLD_SECONDS * 1000,
         "objectives": objectives,
     }
+
+
+# The page alerts of alerts/slo.rules.yml (SalonReportsErrorBudgetBurn): a burn rate over both
+# windows of a pair.
+PAGE_BURNS = ((14.4, "1h", "5m"), (6.0, "6h", "30m"))
+
+
+def budget_alert(budget: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``error_budget_burn`` entry of the stats' ``alerts``: breached while an SLO burns
+    its budget as fast as ``SalonReportsErrorBudgetBurn`` pages for (14.4x over 1 h and 5 min,
+    or 6x over 6 h and 30 min; now, without the rule's ``for``)."""
+    reasons = []
+    value: dict[str, Any] = {}
+    for name, objective in budget["objectives"].items():
+        windows = objective["windows"]
+        value[name] = {window: windows[window]["burn_rate"] for window in ("5m", "1h", "30m", "6h")}
+        for rate, long, short in PAGE_BURNS:
+            burns = (windows[long]["burn_rate"], windows[short]["burn_rate"])
+            if all(burn is not None and burn > rate for burn in burns):
+                reasons.append(
+                    f"{name}: {burns[0]:.1f}x over {long} and {burns[1]:.1f}x over {short}"
+                    f" (> {rate:g}x)"
+                )
+                break
+    return {
+        "name": "error_budget_burn",
+        "breached": bool(reasons),
+        "value": value,
+        "threshold": {f"{long}+{short}": rate for rate, long, short in PAGE_BURNS},
+        "detail": "; ".join(reasons) or None,
+    }

@@ -38,6 +38,7 @@ from telemetry.stats.slo import (
     SLO_ROUTE_PATTERN,
     WINDOWS,
     SloCounter,
+    budget_alert,
     render_budget,
 )
 from tests.conftest import Api, RunningApi, app_settings
@@ -207,6 +208,33 @@ def test_what_no_publisher_takes_stays_bounded() -> None:
     assert availability["30d"]["bad"] == sum(
         1 for minute in range(10 * 24 * 60, 40 * 24 * 60) if minute % 100 == 0
     )
+
+
+def test_the_stats_alert_fires_where_the_page_alert_would() -> None:
+    clock = Clock(NOON - 1800)  # half an hour ago: the 1 h, 6 h windows, not 5 min or 30 min
+    counter = SloCounter(clock)
+    for _ in range(850):
+        counter.record(DASHBOARD, 200, 0.01)
+    for _ in range(150):
+        counter.record(DASHBOARD, 200, 0.3)  # latency: 15 % slow, 15x its budget
+    clock.now = NOON  # now: every window
+    for _ in range(100):
+        counter.record(DASHBOARD, 200, 0.01)
+    minutes, hours = counter.history()
+
+    quiet = budget_alert(render_budget(minutes, hours, NOON, source="redis", partial=False))
+    # 1 h: 150 / 1100 slow = 13.6x; 5 min: 0x. Neither page pair burns.
+    assert quiet["breached"] is False
+    assert quiet["value"]["latency"]["1h"] == pytest.approx(150 / 1100 / 0.01)
+    assert quiet["threshold"] == {"1h+5m": 14.4, "6h+30m": 6.0}
+
+    for _ in range(20):
+        counter.record(DASHBOARD, 200, 0.3)  # 5 min: 20 / 120 = 16.7x; 1 h: 170 / 1120 = 15.2x
+    minutes, hours = counter.history()
+    paging = budget_alert(render_budget(minutes, hours, NOON, source="redis", partial=False))
+    assert paging["breached"] is True
+    assert paging["detail"] == "latency: 15.2x over 1h and 16.7x over 5m (> 14.4x)"
+    assert paging["value"]["availability"]["1h"] == 0.0
 
 
 # -- across workers, in Redis -------------------------------------------------------------------
@@ -437,6 +465,11 @@ async def test_the_stats_budget_is_the_rules_on_the_scraped_histogram(
         ratio = objective["windows"]["30d"]["error_ratio"]
         assert objective["budget_left"] == pytest.approx(1 - ratio / objective["error_budget"])
     assert set(MINUTE_WINDOWS) | set(HOUR_WINDOWS) == set(availability)
+    # One 5xx in nine requests burns the availability budget 111 times too fast: the stats'
+    # alert says so, as the page alert would.
+    [alert] = [entry for entry in stats["alerts"] if entry["name"] == "error_budget_burn"]
+    assert alert["breached"] is True
+    assert alert["detail"].startswith("availability: 111.1x over 1h and 111.1x over 5m")
 
 
 async def test_without_redis_the_stats_answer_with_this_workers_counts(

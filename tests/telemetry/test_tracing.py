@@ -213,6 +213,7 @@ async def test_stats_count_every_request_even_when_nothing_is_sampled(
         "memory",
         "freshness",
         "tenant_throttling",
+        "error_budget_burn",
     }
     assert stats["memory"]["rss_bytes"] > 0
     assert stats["pool"]["size"] >= 1
