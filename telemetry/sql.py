@@ -33,6 +33,7 @@ from opentelemetry.instrumentation.sqlalchemy.engine import (
     _after_cur_exec,
     _handle_error,
 )
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.metrics import NoOpMeterProvider
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -103,6 +104,17 @@ class SqlTelemetry:
             attr.DB_NAMESPACE: url.database or "",
         }
         self._connect_attributes = {attr.DB_SYSTEM_NAME: attr.POSTGRESQL, **self._server_attributes}
+        # The ROLLBACK a connection gets when it goes back to the pool (or from an explicit
+        # rollback): a round trip no statement span covers. A span under a recording parent.
+        self._rollback_attributes = {
+            **self._connect_attributes,
+            attr.DB_QUERY_TEXT: "ROLLBACK",
+            attr.DB_OPERATION_NAME: "ROLLBACK",
+            attr.DB_QUERY_SUMMARY: "ROLLBACK",
+        }
+        dialect = engine.dialect
+        self._do_rollback = dialect.do_rollback
+        dialect.do_rollback = self._rollback  # type: ignore[method-assign]
         unused = NoOpMeterProvider().get_meter("unused").create_up_down_counter("unused")
         self._tracer = EngineTracer(  # type: ignore[no-untyped-call]
             tracer_provider.get_tracer("opentelemetry.instrumentation.sqlalchemy"),
@@ -110,7 +122,17 @@ class SqlTelemetry:
             unused,
         )
 
+    def _rollback(self, dbapi_connection: Any) -> None:
+        if not trace.get_current_span().is_recording() or not is_instrumentation_enabled():
+            self._do_rollback(dbapi_connection)
+            return
+        with self._connect_tracer.start_as_current_span(
+            "ROLLBACK", kind=trace.SpanKind.CLIENT, attributes=self._rollback_attributes
+        ):
+            self._do_rollback(dbapi_connection)
+
     def detach(self) -> None:
+        self.engine.dialect.do_rollback = self._do_rollback  # type: ignore[method-assign]
         event.remove(self.engine, "before_cursor_execute", self._before)
         event.remove(self.engine, "after_cursor_execute", self._after)
         event.remove(self.engine, "handle_error", self._failed)

@@ -48,8 +48,14 @@ async def test_sql_and_redis_spans_carry_the_stable_database_conventions(
     api.spans.clear()
     assert (await api.report("dashboard", salon_id=data["lisbon"])).status_code == 200
     sql, redis = _clients(api)
-    statements = [s for s in sql if s.name != "connect"]
+    statements = [s for s in sql if s.name not in ("connect", "ROLLBACK")]
     assert statements
+    # A connection going back to the pool is rolled back: a statement of its own.
+    rollbacks = [s for s in sql if s.name == "ROLLBACK"]
+    assert rollbacks
+    for span in rollbacks:
+        assert set(span.attributes) >= STABLE_SQL, dict(span.attributes)
+        assert span.attributes["db.operation.name"] == "ROLLBACK"
     assert redis
     for span in statements:
         assert set(span.attributes) >= STABLE_SQL, (span.name, dict(span.attributes))
