@@ -14,7 +14,9 @@ checked):
 
 For each: the victim's p50/p95/max and errors (anything but a 200 MISS); for the burst, wrk's
 requests and statuses (200, 429 with and without ``Retry-After``, 5xx, socket errors), and the
-noisy salon's row of ``fairness.tenants`` in ``/performance/stats``. Run once with the default
+noisy salon's row of ``fairness.tenants`` in ``/performance/stats``; the server's CPU time
+over the burst (its whole process group: the master and the workers) per noisy request, and
+wrk's own CPU time (the load generator's share of the machine). Run once with the default
 share (``REPORTS_TENANT_MAX_CONCURRENT`` etc. unset) and once with the per-tenant share lifted
 (skipped with ``--no-compare``: limit and queue 100,000; turns stay round-robin), so the effect
 of the share alone shows. Target (issue 19): under the burst the victim's cold p95 within 3x its
