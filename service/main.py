@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import fastapi.routing
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
@@ -101,9 +102,18 @@ def prepare_routes(routes: Iterable[Any]) -> int:
     ``effective_low_priority_routes`` are the calls its matching makes; a FastAPI without
     them has nothing to prepare. A route added later is prepared at its first match, as
     usual. Returns how many included routers were prepared.
+
+    It also has FastAPI read each endpoint's source position (file and line, kept for its
+    error messages), which FastAPI does at an endpoint's first request with
+    ``inspect.getsourcelines``: that tokenizes the module (and, the first time in a process,
+    compiles the tokenizer's expressions), 5-25 ms in the first request of each endpoint.
     """
+    extract_context = getattr(fastapi.routing, "_extract_endpoint_context", None)
     prepared = 0
     for route in routes:
+        endpoint = getattr(getattr(route, "dependant", None), "call", None)
+        if callable(extract_context) and endpoint is not None:
+            extract_context(endpoint)
         candidates = getattr(route, "effective_candidates", None)
         if callable(candidates):
             prepared += 1 + prepare_routes(candidates())

@@ -7,6 +7,9 @@ the report query, each over a window nobody asked for). What the first request d
   the first time a request is matched against them: ``create_app`` has it done at start
   (``service.main.prepare_routes``), so no request pays for it — counted here by FastAPI's own
   preparation function, which runs at start and never during a request;
+- FastAPI reads each endpoint's source position (file and line, for its error messages) with
+  ``inspect.getsourcelines`` the first time the endpoint runs in a process: also done at start by
+  ``prepare_routes``, counted here from an emptied cache for each fresh app;
 - the pool opens a connection to PostgreSQL (with SQLAlchemy's first-connect checks): the
   ``connect`` span, a child of the request's server span, with the database attributes.
 
@@ -18,6 +21,7 @@ preparation inside the request.
 
 from __future__ import annotations
 
+import inspect
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -68,13 +72,17 @@ def uncovered_ns(spans: list[ReadableSpan]) -> int:
 
 
 async def _first_and_later(
-    settings: Settings, salons: list[int], preparations: list[str]
+    settings: Settings, salons: list[int], preparations: list[str], source_reads: list[str]
 ) -> tuple[list[ReadableSpan], list[list[ReadableSpan]]]:
     """A fresh app's first report request and later ones of the same shape: each for a salon
     not asked for before (its time-zone lookup), a cache miss (the report query)."""
+    fastapi.routing._endpoint_context_cache.clear()  # as in a new process
+    source_reads.clear()
     async with RunningApi(settings) as api:
         assert "/api/v1/optimized-reports/dashboard" in preparations  # at start
+        assert "dashboard" in source_reads  # the endpoint's source position, at start
         preparations.clear()
+        source_reads.clear()
         api.spans.clear()
         first = await api.report("dashboard", salon_id=salons[0])
         assert first.status_code == 200
@@ -85,8 +93,9 @@ async def _first_and_later(
             assert response.status_code == 200
             assert response.headers["x-cache"] == "MISS"
             later.append(_trace(api, response.headers["x-trace-id"]))
-        # No request prepared a route: it was done at start.
+        # No request prepared a route or read an endpoint's source: done at start.
         assert preparations == []
+        assert source_reads == []
         return _trace(api, first.headers["x-trace-id"]), later
 
 
@@ -105,6 +114,17 @@ async def test_the_first_request_says_where_its_time_went(
         return prepare(route, path, *args, **kwargs)
 
     monkeypatch.setattr(fastapi.routing, "_populate_api_route_state", counted)
+    # FastAPI reads each endpoint's source position (for its error messages) once per process
+    # with inspect.getsourcelines: counted, from an emptied cache for every fresh app.
+    monkeypatch.setattr(fastapi.routing, "_endpoint_context_cache", {})
+    source_reads: list[str] = []
+    read_source: Callable[..., Any] = inspect.getsourcelines
+
+    def counted_read(item: Any) -> Any:
+        source_reads.append(getattr(item, "__name__", repr(item)))
+        return read_source(item)
+
+    monkeypatch.setattr(inspect, "getsourcelines", counted_read)
     data = small_dataset(db)
     salons = [data["lisbon"], data["newyork"]]
     salons += [add_salon(db, f"Salon {n}", "Europe/Paris") for n in range(4)]
@@ -115,7 +135,7 @@ async def test_the_first_request_says_where_its_time_went(
         client = redis_client(redis_url)
         client.flushdb()  # every report a miss again
         client.close()
-        first, later = await _first_and_later(settings, salons, preparations)
+        first, later = await _first_and_later(settings, salons, preparations, source_reads)
         # The connection the first request opened is a span of its own, under the request.
         server = _server(first)
         [connect] = [span for span in first if span.name == "connect"]
