@@ -33,7 +33,14 @@ from service.main import create_app
 from service.resources import Resources, start_resources, stop_resources
 from telemetry.setup import Telemetry, configure
 from tests.factories import small_dataset
-from tests.support import SettlingListener, cluster_url, redis_client
+from tests.support import (
+    SettlingListener,
+    close_client,
+    cluster_url,
+    crossslot_errors,
+    redis_client,
+    reset_error_stats,
+)
 
 TABLES = (
     "audit_events",
@@ -185,12 +192,22 @@ def redis_test_url(base_settings: Settings) -> str:
 
 
 @pytest.fixture
-def redis_url(redis_test_url: str) -> str:
-    """An empty Redis database for this test."""
+def redis_url(redis_test_url: str) -> Iterator[str]:
+    """An empty Redis database for this test; on the test cluster, afterwards no node may have
+    answered ``CROSSSLOT`` meanwhile (a multi-key command or script across slots)."""
     client = redis_client(redis_test_url)
     client.flushdb()
-    client.close()
-    return redis_test_url
+    on_cluster = redis_test_url == cluster_url()
+    if on_cluster:
+        reset_error_stats(client)
+    close_client(client)
+    yield redis_test_url
+    if on_cluster:
+        client = redis_client(redis_test_url)
+        try:
+            assert crossslot_errors(client) == {}
+        finally:
+            close_client(client)
 
 
 # -- the application ----------------------------------------------------------------------

@@ -52,6 +52,48 @@ def redis_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url)
 
 
+def _nodes(client: redis.Redis) -> list[Any]:
+    """Every node of a cluster client (None for a plain client: its one server)."""
+    from redis.cluster import RedisCluster
+
+    if isinstance(client, RedisCluster):
+        return list(client.get_nodes())
+    return [None]
+
+
+def close_client(client: redis.Redis) -> None:
+    """Close a client; a cluster client's node pools too (``close`` leaves their sockets to
+    the garbage collector, which then warns)."""
+    from redis.cluster import RedisCluster
+
+    if isinstance(client, RedisCluster):
+        client.disconnect_connection_pools()
+    client.close()
+
+
+def reset_error_stats(client: redis.Redis) -> None:
+    """``CONFIG RESETSTAT`` on every node (the error counts of ``INFO errorstats`` included)."""
+    for node in _nodes(client):
+        if node is None:
+            client.config_resetstat()
+        else:
+            client.config_resetstat(target_nodes=node)  # type: ignore[call-arg]
+
+
+def crossslot_errors(client: redis.Redis) -> dict[str, Any]:
+    """The ``CROSSSLOT`` errors each node counted since its stats were reset, by node."""
+    found = {}
+    for node in _nodes(client):
+        if node is None:
+            stats = client.info("errorstats")
+        else:
+            stats = client.info("errorstats", target_nodes=node)  # type: ignore[call-arg]
+        bad = {name: value for name, value in stats.items() if "CROSSSLOT" in name}
+        if bad:
+            found["redis" if node is None else node.name] = bad
+    return found
+
+
 def async_redis_client(url: str) -> redis.asyncio.Redis:
     """``redis_client`` for asyncio code."""
     if url == cluster_url():
@@ -104,7 +146,8 @@ class RedisProcess:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                redis.Redis(port=self.port, socket_timeout=0.2).ping()
+                with redis.Redis(port=self.port, socket_timeout=0.2) as probe:
+                    probe.ping()
                 return
             except redis.ConnectionError:
                 time.sleep(0.05)

@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from redis.cluster import RedisCluster
 
 from service.db import migrate
 from service.tools.seed import seed_database
@@ -18,7 +19,9 @@ from tests.chaos.servers import PostgresCluster, new_secret
 from tests.support import (
     RedisClusterProcesses,
     RedisProcess,
+    close_client,
     cluster_url,
+    crossslot_errors,
     redis_cluster_processes,
     redis_process,
 )
@@ -80,6 +83,12 @@ def redis_under_test() -> Iterator[RedisProcess | RedisClusterProcesses]:
     else:
         with redis_cluster_processes() as cluster:
             yield cluster
+            client = RedisCluster.from_url(cluster.url)
+            try:
+                # On every node (a restarted one counts from its restart).
+                assert crossslot_errors(client) == {}  # type: ignore[arg-type]
+            finally:
+                close_client(client)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -27,7 +27,14 @@ from service.main import create_app
 from telemetry.setup import configure
 from tests.conftest import TABLES, app_settings
 from tests.factories import small_dataset
-from tests.support import free_port, redis_client
+from tests.support import (
+    close_client,
+    cluster_url,
+    crossslot_errors,
+    free_port,
+    redis_client,
+    reset_error_stats,
+)
 
 START_TIMEOUT_SECONDS = 20.0
 PREFIX = "/api/v1/optimized-reports"
@@ -134,7 +141,10 @@ def live_server(
     data = _seed(dsn)
     client = redis_client(redis_test_url)
     client.flushdb()
-    client.close()
+    on_cluster = redis_test_url == cluster_url()
+    if on_cluster:
+        reset_error_stats(client)
+    close_client(client)
     settings = app_settings(base_settings, database_url, redis_test_url)
     telemetry = configure(
         version="test",
@@ -165,6 +175,12 @@ def live_server(
         server.should_exit = True
         thread.join(15)
     assert not thread.is_alive(), "the server did not stop"
+    if on_cluster:  # no multi-key command or script across slots, whatever was asked
+        client = redis_client(redis_test_url)
+        try:
+            assert crossslot_errors(client) == {}
+        finally:
+            close_client(client)
 
 
 @pytest.fixture(scope="module")
