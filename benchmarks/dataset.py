@@ -20,9 +20,13 @@ The derived tables of the change stream (the rollups, the visit pairs, the first
 computed from ``bookings`` when the dataset is built, and on reuse when they are still empty
 (a dataset built before this step): the platform-wide reports and the client counts read them,
 and nothing else fills them until a server's change-stream consumer starts on the database.
-No replication slot is created (an unread slot on a benchmark database would hold WAL back);
-the stream stays ``uninitialised``, so a server started on the database later rebuilds them
-with its own slot, as on any new database.
+No replication slot is created for the query benchmark (an unread slot on a benchmark database
+would hold WAL back). The benchmarks that start the service (``make loadtest``, the noisy
+neighbour, the hot path, the refusals) ask for ``stream=True``: the stream is then initialised
+here when it is not current (``salon-reports rollups rebuild``'s work: the slot, the derived
+tables rebuilt at its snapshot), before any server starts. A server started on an uninitialised
+database would do the same in its consumer, but on 1 M bookings that takes longer than the load
+test waits for a server to be ready, and every server of a run would race for it.
 
 Two variables change it: ``BENCH_BOOKINGS`` (default 1,000,000: e.g. 5000000 for the scaling
 figures) and ``BENCH_DATABASE`` (default ``salon_reports_bench``; another name keeps a second
@@ -35,10 +39,12 @@ dataset, or one's own on a shared server, beside the first).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -49,6 +55,7 @@ from alembic.util.exc import CommandError
 from psycopg import sql
 
 from service.changes import derived
+from service.changes.rebuild import rebuild as rebuild_stream
 from service.config import get_settings
 from service.db import MIGRATIONS_DIR, libpq_url, migrate, with_database
 from service.tools import seed as seed_module
@@ -210,8 +217,38 @@ def ensure_dataset(
     rebuild: bool = False,
     progress: bool = True,
     log: Any = print,
+    stream: bool = False,
 ) -> Dataset:
-    """The benchmark database, migrated and seeded; built only when missing or different."""
+    """The benchmark database, migrated and seeded; built only when missing or different.
+    With ``stream``, its change stream is also current (initialised here if it is not)."""
+    dataset = _ensure_dataset(params, database_url, rebuild, progress, log)
+    if stream:
+        initialise_stream(dataset.url, log)
+    return dataset
+
+
+def initialise_stream(url: str, log: Any = print) -> None:
+    """Initialise the change stream (slot and derived tables) unless it is current."""
+    with psycopg.connect(libpq_url(url)) as connection:
+        row = connection.execute("SELECT state FROM change_stream_position").fetchone()
+    if row is not None and row[0] == "current":
+        return
+    # In a thread of its own: callers may be inside an event loop already.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        rebuilt = pool.submit(asyncio.run, rebuild_stream(libpq_url(url))).result()
+    log(
+        f"benchmark database {BENCH_DATABASE}: change stream initialised (slot"
+        f" {rebuilt.slot_name}, derived tables rebuilt in {rebuilt.seconds:.1f} s)"
+    )
+
+
+def _ensure_dataset(
+    params: DatasetParams | None,
+    database_url: str | None,
+    rebuild: bool,
+    progress: bool,
+    log: Any,
+) -> Dataset:
     params = params or DatasetParams()
     url = bench_url(database_url)
     server = with_database(database_url or get_settings().database_url, MAINTENANCE_DATABASE)

@@ -107,7 +107,7 @@ def _hits(stack: Any) -> CachedReportHits:
 
 
 async def run(requests: int, profile: bool) -> None:
-    dataset = ensure_dataset()
+    dataset = ensure_dataset(stream=True)
     settings = get_settings().model_copy(
         update={"database_url": dataset.url, "read_database_url": None}
     )

@@ -1349,7 +1349,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _on_signal)
 
     settings = get_settings()
-    dataset = ensure_dataset(log=console.log)
+    dataset = ensure_dataset(log=console.log, stream=True)
     salon_ids, busiest = _salons(dataset.url)
     redis_url = _redis_url(settings.redis_url, args.redis_db)
     workdir = Path(tempfile.mkdtemp(prefix="salon-reports-loadtest-"))

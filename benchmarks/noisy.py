@@ -317,7 +317,7 @@ def main() -> None:
         console = Console(width=160)
     raise_open_files()
     settings = get_settings()
-    dataset = ensure_dataset(log=console.log)
+    dataset = ensure_dataset(log=console.log, stream=True)
     salon_ids, _ = _salons(dataset.url)
     noisy, victim, warm = salon_ids[0], salon_ids[1], salon_ids[2]
     secret = settings.jwt_secret

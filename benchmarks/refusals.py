@@ -45,7 +45,7 @@ async def _redis_cpu(redis: Redis) -> float:
 
 
 async def run(requests: int, profile: bool, endpoint: bool) -> None:
-    dataset = ensure_dataset()
+    dataset = ensure_dataset(stream=True)
     settings = get_settings().model_copy(
         update={
             "database_url": dataset.url,

@@ -91,3 +91,26 @@ def test_a_built_dataset_has_its_derived_tables(
     assert _filled(url)["rolled_up"] == PARAMS.bookings
     assert _differences(url) == dict.fromkeys(derived.TABLES, 0)
     assert _slots(admin_dsn, bench_database) == 0
+
+
+def test_a_dataset_for_the_service_has_its_stream_current(
+    base_settings: Settings, admin_dsn: str, bench_database: str
+) -> None:
+    """The load tests start servers that answer only once the stream is current (readiness):
+    with ``stream=True`` it is initialised before they start, with its slot, exactly; asked
+    again, nothing more is done (the same slot); the fixture drops the slot with the database."""
+    url = with_database(base_settings.database_url, bench_database)
+    bench.ensure_dataset(PARAMS, progress=False, log=lambda *_: None, stream=True)
+    filled = _filled(url)
+    assert filled["state"] == "current"
+    assert filled["rolled_up"] == PARAMS.bookings
+    assert _differences(url) == dict.fromkeys(derived.TABLES, 0)
+    assert _slots(admin_dsn, bench_database) == 1
+    with psycopg.connect(libpq_url(url)) as connection:
+        row = connection.execute("SELECT slot_name FROM change_stream_position").fetchone()
+    assert row is not None
+    bench.ensure_dataset(PARAMS, progress=False, log=lambda *_: None, stream=True)
+    with psycopg.connect(libpq_url(url)) as connection:
+        again = connection.execute("SELECT slot_name FROM change_stream_position").fetchone()
+    assert again == row
+    assert _slots(admin_dsn, bench_database) == 1
