@@ -24,7 +24,9 @@ import redis
 from dotenv import dotenv_values
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
 
 from service.cache import CacheKey, CacheResult, ReportCache, build_key
 from service.cache.durability import ReplicaWait
@@ -279,7 +281,16 @@ def _replica_held(port: int, seconds: float) -> Iterator[None]:
     thread = threading.Thread(target=_busy, args=(port, seconds, started))
     thread.start()
     started.wait(5)
-    time.sleep(0.2)  # the script is running (if not yet, the replica is only faster)
+    # The script is running once the node stops answering: a PING that times out.
+    deadline = time.monotonic() + 5
+    while True:
+        with redis.Redis(port=port, socket_timeout=0.05, retry=Retry(NoBackoff(), 0)) as probe:
+            try:
+                probe.ping()
+            except redis.TimeoutError:
+                break
+        assert time.monotonic() < deadline, "the replica was never held"
+        time.sleep(0.01)
     try:
         yield
     finally:
