@@ -40,6 +40,7 @@ from tests.support import (
     crossslot_errors,
     redis_client,
     reset_error_stats,
+    wait_for_a_settled_cluster,
 )
 
 TABLES = (
@@ -195,9 +196,11 @@ def redis_test_url(base_settings: Settings) -> str:
 def redis_url(redis_test_url: str) -> Iterator[str]:
     """An empty Redis database for this test; on the test cluster, afterwards no node may have
     answered ``CROSSSLOT`` meanwhile (a multi-key command or script across slots)."""
+    on_cluster = redis_test_url == cluster_url()
+    if on_cluster:
+        wait_for_a_settled_cluster(redis_test_url)
     client = redis_client(redis_test_url)
     client.flushdb()
-    on_cluster = redis_test_url == cluster_url()
     if on_cluster:
         reset_error_stats(client)
     close_client(client)

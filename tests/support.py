@@ -42,6 +42,61 @@ def cluster_url() -> str | None:
     return url
 
 
+def wait_for_a_settled_cluster(url: str, timeout: float = 60.0) -> None:
+    """Return once the test cluster has settled: every node answers, says ``cluster_state:ok``
+    and sees the same masters, none flagged failing or in handshake, each master with a
+    connected replica. Tests earlier in the run kill masters and hold replicas busy on the same
+    cluster; a fail-over still going on when a cache test starts turns its commands into
+    errors (the service then computes without the cache, correctly, but a test that counts
+    statements sees two)."""
+    seed = redis.Redis.from_url(url)
+    deadline = time.monotonic() + timeout
+    last = ""
+    try:
+        while True:
+            try:
+                last = _cluster_unsettled(seed)
+            except redis.RedisError as error:
+                last = f"{type(error).__name__}: {error}"
+            if not last:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the test Redis Cluster did not settle: {last}")
+            time.sleep(0.2)
+    finally:
+        seed.close()
+
+
+def _cluster_unsettled(seed: redis.Redis) -> str:
+    """What keeps the cluster from being settled, or an empty string."""
+    nodes: dict[str, dict[str, Any]] = seed.execute_command("CLUSTER NODES")
+    replicated = set()
+    for address, node in nodes.items():
+        flags = str(node["flags"])
+        if any(flag in flags for flag in ("fail", "handshake", "noaddr")):
+            return f"node {address} is {flags}"
+        if not node["connected"] and "myself" not in flags:
+            return f"node {address} is disconnected"
+        if "slave" in flags:
+            replicated.add(node["master_id"])
+    masters = {node["node_id"] for node in nodes.values() if "master" in str(node["flags"])}
+    if not masters or masters - replicated:
+        return "a master without a replica"
+    for address in nodes:
+        host, port = address.split("@")[0].rsplit(":", 1)
+        other = redis.Redis(host=host, port=int(port), socket_timeout=2)
+        try:
+            if other.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
+                return f"{address} says the cluster is not ok"
+            seen: dict[str, dict[str, Any]] = other.execute_command("CLUSTER NODES")
+            theirs = {node["node_id"] for node in seen.values() if "master" in str(node["flags"])}
+            if theirs != masters:
+                return f"{address} sees other masters"
+        finally:
+            other.close()
+    return ""
+
+
 def redis_client(url: str) -> redis.Redis:
     """A client of the Redis at ``url``: the cluster client for the test cluster (typed as a
     plain client: the tests call the commands both have)."""
