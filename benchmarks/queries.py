@@ -318,7 +318,7 @@ def _naive(dataset: Dataset, cell: Cell, scale: float) -> dict[str, Any]:
 # -- report -----------------------------------------------------------------------------------
 
 
-def _busiest_salon(url: str) -> tuple[Scope, int]:
+def busiest_salon(url: str) -> tuple[Scope, int]:
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
@@ -437,7 +437,7 @@ def main() -> None:
 
     dataset = ensure_dataset(log=console.log)
     console.log(f"dataset: {dataset.as_dict()}")
-    salon, salon_total = _busiest_salon(dataset.url)
+    salon, salon_total = busiest_salon(dataset.url)
     reports = tuple(name for name in args.reports.split(",") if name)
     cells = _cells(reports, salon, dataset.seeded_on)
     rows_in = _rows_in(dataset.url, cells)

@@ -49,7 +49,7 @@ from dotenv import dotenv_values
 from benchmarks.load import Server, http_get
 from service.auth import issue_token
 from service.config import get_settings
-from service.db import libpq_url, migrate, with_database
+from service.db import drop_database, libpq_url, migrate, with_database
 from service.tools.seed import seed_database
 
 DATABASE = "salon_reports_conflicts"
@@ -67,27 +67,6 @@ def _replica_url() -> str:
     if not url:
         raise SystemExit("no REPLICA_DATABASE_URL: start one with `make services REPLICA=1`")
     return url
-
-
-def _drop(admin_dsn: str) -> None:
-    """Drop the database and the change stream's replication slot in it."""
-    with psycopg.connect(admin_dsn, autocommit=True) as connection:
-        for _ in range(100):
-            row = connection.execute(
-                "SELECT count(*) FILTER (WHERE active_pid IS NOT NULL),"
-                " count(pg_terminate_backend(active_pid)) FROM pg_replication_slots"
-                " WHERE database = %s",
-                (DATABASE,),
-            ).fetchone()
-            if row is None or row[0] == 0:
-                break
-            time.sleep(0.05)
-        connection.execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-            " WHERE database = %s",
-            (DATABASE,),
-        )
-        connection.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
 
 
 def _conflicts(replica_dsn: str) -> Counter[str]:
@@ -191,7 +170,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     primary_url = with_database(settings.database_url, DATABASE)
     replica_url = with_database(_replica_url(), DATABASE)
     replica_dsn = libpq_url(replica_url)
-    _drop(admin_dsn)
+    drop_database(admin_dsn, DATABASE)
     with psycopg.connect(admin_dsn, autocommit=True) as connection:
         connection.execute(f'CREATE DATABASE "{DATABASE}"')
     workdir = Path(tempfile.mkdtemp(prefix="salon-reports-conflicts-"))
@@ -276,7 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             server.stop()
         with contextlib.suppress(psycopg.Error):
             _set_replica(replica_dsn, None)
-        _drop(admin_dsn)
+        drop_database(admin_dsn, DATABASE)
 
 
 def main() -> None:

@@ -46,9 +46,10 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from benchmarks.queries import busiest_salon
 from benchmarks.stats import machine, percentile, write_results
 from service.config import get_settings
 from service.db import async_engine, with_database
@@ -113,22 +114,6 @@ def ensure(scale: Scale, console: Console) -> dict[str, Any]:
     start = result.stdout.rindex("\n{") + 1 if "\n{" in result.stdout else result.stdout.index("{")
     summary: dict[str, Any] = json.loads(result.stdout[start:])
     return summary
-
-
-def busiest_salon(url: str) -> tuple[Scope, int]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            row = conn.execute(
-                text(
-                    "SELECT b.salon_id, s.timezone, count(*) AS n FROM bookings b"
-                    " JOIN salons s ON s.id = b.salon_id"
-                    " GROUP BY b.salon_id, s.timezone ORDER BY n DESC, b.salon_id LIMIT 1"
-                )
-            ).one()
-    finally:
-        engine.dispose()
-    return Scope(salon_id=int(row.salon_id), timezone=str(row.timezone)), int(row.n)
 
 
 def prepare(scale: Scale, console: Console) -> Prepared:

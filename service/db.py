@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, event
@@ -101,3 +103,25 @@ def with_database(database_url: str, name: str) -> str:
 def libpq_url(database_url: str) -> str:
     """A plain libpq URL (for psycopg directly) from a SQLAlchemy one."""
     return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def drop_database(admin_dsn: str, name: str) -> None:
+    """Drop a database and the change stream's replication slot in it (a slot keeps its
+    database from being dropped)."""
+    with psycopg.connect(admin_dsn, autocommit=True) as connection:
+        for _ in range(100):
+            row = connection.execute(
+                "SELECT count(*) FILTER (WHERE active_pid IS NOT NULL),"
+                " count(pg_terminate_backend(active_pid)) FROM pg_replication_slots"
+                " WHERE database = %s",
+                (name,),
+            ).fetchone()
+            if row is None or row[0] == 0:
+                break
+            time.sleep(0.05)
+        connection.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+            " WHERE database = %s",
+            (name,),
+        )
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -11,7 +11,6 @@ import asyncio
 import concurrent.futures
 import os
 import threading
-import time
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from service.auth import issue_token
 from service.changes.consumer import ChangeConsumer, wait_applied
 from service.config import Settings
-from service.db import libpq_url, migrate, with_database
+from service.db import drop_database, libpq_url, migrate, with_database
 from service.main import create_app
 from service.resources import Resources, start_resources, stop_resources
 from telemetry.setup import Telemetry, configure
@@ -78,28 +77,6 @@ def base_settings() -> Settings:
 def admin_dsn(base_settings: Settings) -> str:
     """libpq DSN of the server's maintenance database (for CREATE/DROP DATABASE)."""
     return libpq_url(with_database(base_settings.database_url, "postgres"))
-
-
-def drop_database(admin_dsn: str, name: str) -> None:
-    """Drop a database and the change stream's replication slot in it (a slot keeps its
-    database from being dropped)."""
-    with psycopg.connect(admin_dsn, autocommit=True) as connection:
-        for _ in range(100):
-            row = connection.execute(
-                "SELECT count(*) FILTER (WHERE active_pid IS NOT NULL),"
-                " count(pg_terminate_backend(active_pid)) FROM pg_replication_slots"
-                " WHERE database = %s",
-                (name,),
-            ).fetchone()
-            if row is None or row[0] == 0:
-                break
-            time.sleep(0.05)
-        connection.execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-            " WHERE database = %s",
-            (name,),
-        )
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def create_database(admin_dsn: str, name: str) -> None:

@@ -109,6 +109,20 @@ REPORTS: dict[str, tuple[ReportName, type[PeriodQuery], Callable[..., dict[str, 
 _UNUSUAL = object()  # a memo's answer for "the endpoint decides"
 
 
+def _leave_for_telemetry(
+    scope: Scope_, name: ReportName, salon_id: int | None, route: Any
+) -> dict[str, Any]:
+    """What the endpoint leaves for telemetry (the report, the salon, the route); the
+    request's state, for more."""
+    state: dict[str, Any] | None = scope.get("state")
+    if state is None:
+        state = scope["state"] = {}
+    state["report_name"] = name.value
+    state["salon_id"] = salon_id
+    scope["route"] = route
+    return state
+
+
 class CachedReportHits:
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -197,14 +211,7 @@ class CachedReportHits:
                 if span.is_recording():
                     span.set_attribute(attr.CACHE_RESULT, HIT.value)
                     span.set_attribute(attr.CACHE_HIT, True)
-        # What the endpoint leaves for telemetry.
-        state = scope.get("state")
-        if state is None:
-            state = scope["state"] = {}
-        state["report_name"] = name.value
-        state["salon_id"] = salon_id
-        state["cache_result"] = HIT
-        scope["route"] = route
+        _leave_for_telemetry(scope, name, salon_id, route)["cache_result"] = HIT
         headers = [
             (b"etag", entry.etag.encode()),
             (b"cache-control", b"private, max-age=%d" % entry.seconds_left(time.time())),
@@ -254,12 +261,7 @@ class CachedReportHits:
         try:
             fairness.refuse_if_full(tenant)  # again: the round trip may have freed a share
         except TenantThrottled as refusal:
-            state = scope.get("state")
-            if state is None:
-                state = scope["state"] = {}
-            state["report_name"] = name.value
-            state["salon_id"] = salon_id
-            scope["route"] = route
+            _leave_for_telemetry(scope, name, salon_id, route)
             await fairness.hold(refusal)
             body, headers = self._rendered(refusal)
             self.refused += 1
